@@ -1,0 +1,138 @@
+"""Authentication through twisted.cred: credentials, checkers and the realm.
+
+Two ways to log in, chosen by the server's options:
+
+- the seed's model (the default): ``AUTH <user>`` succeeds when ``<user>``
+  is in an allow-list -- :class:`Username` credentials checked by
+  :class:`AllowListChecker`;
+- ``--auth`` checkers (``memory:``, ``file:``, ...): ``AUTH <user>
+  <password>`` as ``IUsernamePassword`` credentials.  The stock checkers
+  disagree on str and bytes (``memory:`` keeps str, ``file:`` bytes), so each
+  one is wrapped in :class:`TextOrBytesChecker`.
+"""
+
+import attrs
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+
+class IUsername(ICredentials):
+    """
+    A user name alone, for servers that trust an allow-list of names.
+    """
+
+    username = Attribute("The user name, a str.")
+
+
+@implementer(IUsername)
+@attrs.frozen
+class Username:
+    """
+    Credentials that name a user and prove nothing else.
+    """
+
+    username: str
+
+
+class IUser(Interface):
+    """
+    The avatar of an authenticated client.
+    """
+
+    name = Attribute("The user name, a str.")
+
+
+@implementer(IUser)
+@attrs.frozen
+class User:
+    """
+    An authenticated user.
+    """
+
+    name: str
+
+
+@implementer(ICredentialsChecker)
+@attrs.frozen
+class AllowListChecker:
+    """
+    Accept :class:`IUsername` credentials whose name is in ``users``.
+    """
+
+    users: frozenset = attrs.field(converter=frozenset)
+    credentialInterfaces = (IUsername,)
+
+    def requestAvatarId(self, credentials):
+        if credentials.username in self.users:
+            return defer.succeed(credentials.username)
+        return defer.fail(error.UnauthorizedLogin("unknown user"))
+
+
+@implementer(ICredentialsChecker)
+@attrs.frozen
+class TextOrBytesChecker:
+    """
+    Give a password checker the username and password as str, and if it
+    refuses them, as UTF-8 bytes: stock checkers store one or the other.
+    """
+
+    checker: object
+    credentialInterfaces = (IUsernamePassword,)
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials):
+        as_text = UsernamePassword(_text(credentials.username), _text(credentials.password))
+        try:
+            avatar_id = yield self.checker.requestAvatarId(as_text)
+        except error.UnauthorizedLogin:
+            as_bytes = UsernamePassword(
+                as_text.username.encode("utf-8"), as_text.password.encode("utf-8")
+            )
+            avatar_id = yield self.checker.requestAvatarId(as_bytes)
+        return _text(avatar_id)
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+@implementer(IRealm)
+class UserRealm:
+    """
+    Every authenticated name is an :class:`IUser` with that name.
+    """
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IUser not in interfaces:
+            raise NotImplementedError("cserver's realm only gives IUser avatars")
+        return IUser, User(_text(avatarId)), lambda: None
+
+
+def allow_list_portal(users):
+    """
+    The default portal: any name in ``users``, no password.
+    """
+    return Portal(UserRealm(), [AllowListChecker(users)])
+
+
+def password_portal(checkers):
+    """
+    A portal over ``--auth`` password checkers.
+    """
+    return Portal(UserRealm(), [TextOrBytesChecker(c) for c in checkers])
+
+
+def credentials_for(portal, user, password):
+    """
+    The credentials that ``AUTH user [password]`` offers ``portal``, or None
+    when it needs a password that was not given.
+    """
+    if IUsername in portal.listCredentialsInterfaces():
+        return Username(user)
+    if password is None:
+        return None
+    return UsernamePassword(user, password)

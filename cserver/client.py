@@ -1,0 +1,291 @@
+"""The cserver client: the wire protocol v1 seen from the client side, and ``cserver-client``.
+
+One job: speak protocol v1 to a server from Python code -- wait for the greeting,
+``auth``, ``send``, ``stats``, ``quit`` -- with pipelining (replies are matched to
+requests in order) and an exception carrying the code of every ``ERR`` reply.  The
+``cserver-client`` command line (``send``, ``stats``, ``bench``) lives here too; the
+load generator behind ``bench`` is in :mod:`cserver.bench`.
+
+    d = connect(reactor, "tcp:host=127.0.0.1:port=31337", "alice")
+    d.addCallback(lambda client: client.send("hello"))   # fires with the seq
+"""
+
+import argparse
+import getpass
+import sys
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 31337
+
+
+class ServerError(Exception):
+    """The server answered ``ERR <code>[ <text>]``.
+
+    ``code`` is the word after ERR (``auth``, ``noauth``, ``busy``, ``unavailable``,
+    ``syntax``, ``state``, ``unknown``, ``toolong``, ``encoding``, ``timeout``);
+    ``text`` is the rest of the line, possibly empty.
+    """
+
+    def __init__(self, code, text=""):
+        super().__init__(code, text)
+        self.code = code
+        self.text = text
+
+    def __str__(self):
+        return f"ERR {self.code} {self.text}".rstrip()
+
+
+class UnexpectedReplyError(Exception):
+    """The server sent a line that protocol v1 does not allow at that point."""
+
+
+def parse_reply(line):
+    """Split one reply line (``str``, no line end) into ``(ok, data)``.
+
+    ``OK[ <data>]`` gives ``(True, data)``; ``ERR <code>[ <text>]`` gives
+    ``(False, ServerError)``; anything else raises :class:`UnexpectedReplyError`.
+    """
+    verb, _, rest = line.partition(" ")
+    if verb == "OK":
+        return True, rest
+    if verb == "ERR":
+        code, _, text = rest.partition(" ")
+        return False, ServerError(code or "unknown", text)
+    raise UnexpectedReplyError(f"unexpected reply line: {line!r}")
+
+
+def parse_stats(data):
+    """Turn the data of a STATS reply (``key=value key=value ...``) into a dict.
+
+    Integer values become ``int``; other values stay ``str``.  A word without
+    ``=`` is ignored.
+    """
+    stats = {}
+    for word in data.split():
+        key, sep, value = word.partition("=")
+        if not sep:
+            continue
+        try:
+            stats[key] = int(value)
+        except ValueError:
+            stats[key] = value
+    return stats
+
+
+def _check_text(text, what):
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"{what} must not contain a line break")
+    return text.encode("utf-8")
+
+
+class CserverClientProtocol(LineReceiver):
+    """One client session: requests go out as lines, replies fire Deferreds in order.
+
+    ``greeted`` fires with the server's version once ``HELLO cserver <version>``
+    arrives (or fails with :class:`ServerError` ``busy``).  Each request method
+    returns a Deferred; any number may be outstanding at once.  When the
+    connection is lost, every outstanding Deferred fails with the reason.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+    log = Logger()
+
+    def __init__(self):
+        self.greeted = defer.Deferred()
+        self.closed = defer.Deferred()
+        self.server_version = None
+        self.user = None
+        self._pending = deque()
+        self._lost = None
+
+    def lineReceived(self, line):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            ok, data = parse_reply(line.decode("utf-8"))
+        except (UnicodeDecodeError, UnexpectedReplyError) as e:
+            if self.greeted.called or not line.startswith(b"HELLO "):
+                self.log.warn("dropping the connection: {error}", error=e)
+                self.transport.loseConnection()
+                return
+            ok, data = True, line.decode("utf-8", "replace")
+        if not self.greeted.called:
+            if ok:
+                self.server_version = data.rpartition(" ")[2]
+                self.greeted.callback(self.server_version)
+            else:
+                self.greeted.errback(data)
+            return
+        if not self._pending:
+            if not ok:
+                self.log.info("unsolicited {error}", error=data)
+            return
+        d, convert = self._pending.popleft()
+        if ok:
+            d.callback(convert(data) if convert else data)
+        else:
+            d.errback(data)
+
+    def lineLengthExceeded(self, line):
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None):
+        self._lost = reason
+        if not self.greeted.called:
+            self.greeted.errback(reason)
+        pending, self._pending = self._pending, deque()
+        for d, _ in pending:
+            d.errback(reason)
+        self.closed.callback(None)
+
+    def request(self, line, convert=None):
+        """Send one request line (``str``); the Deferred fires with the OK data."""
+        if self._lost is not None:
+            return defer.fail(self._lost)
+        d = defer.Deferred()
+        self._pending.append((d, convert))
+        self.transport.write(_check_text(line, "a request") + b"\n")
+        return d
+
+    def auth(self, user, password=None):
+        """``AUTH user[ password]``; fires with the user name the server confirms."""
+        line = f"AUTH {user}" if password is None else f"AUTH {user} {password}"
+        d = self.request(line)
+
+        def authenticated(name):
+            self.user = name
+            return name
+
+        return d.addCallback(authenticated)
+
+    def send(self, text):
+        """``MSG text``; fires with the message's seq (``int``) once it is durable."""
+        return self.request("MSG " + text, int)
+
+    def stats(self):
+        """``STATS``; fires with a dict (see :func:`parse_stats`)."""
+        return self.request("STATS", parse_stats)
+
+    def quit(self):
+        """``QUIT``; fires with ``"bye"`` when the server says goodbye."""
+        return self.request("QUIT")
+
+
+class CserverClientFactory(Factory):
+    """Builds :class:`CserverClientProtocol` sessions for an endpoint."""
+
+    protocol = CserverClientProtocol
+
+
+def endpoint_description(host=DEFAULT_HOST, port=DEFAULT_PORT, endpoint=None):
+    """The clientFromString description: ``endpoint`` if given, else tcp to host:port."""
+    if endpoint:
+        return endpoint
+    return f"tcp:host={host}:port={port}"
+
+
+@defer.inlineCallbacks
+def connect(reactor, description, user, password=None, factory=None):
+    """Connect to ``description`` (a clientFromString string or an endpoint), wait for
+    the greeting and authenticate; fires with the ready :class:`CserverClientProtocol`."""
+    if isinstance(description, str):
+        description = clientFromString(reactor, description)
+    client = yield description.connect(factory or CserverClientFactory())
+    try:
+        yield client.greeted
+        yield client.auth(user, password)
+    except BaseException:
+        client.transport.loseConnection()
+        raise
+    return client
+
+
+def add_connection_arguments(parser):
+    """The options every subcommand shares: where the server is and who we are."""
+    parser.add_argument("--host", default=DEFAULT_HOST, help="server address (%(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (%(default)s)")
+    parser.add_argument(
+        "--endpoint",
+        help="a Twisted client endpoint description, e.g. tcp:host=::1:port=31337 or "
+        "unix:path=/run/cserver.sock; overrides --host and --port",
+    )
+    parser.add_argument("--user", default=getpass.getuser(), help="user to AUTH as (%(default)s)")
+    parser.add_argument("--password", help="password for AUTH (default: none sent)")
+
+
+def build_parser():
+    """The ``cserver-client`` argument parser."""
+    from cserver import bench
+
+    parser = argparse.ArgumentParser(prog="cserver-client", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    send = sub.add_parser("send", help="send messages and print their seqs, one per line")
+    add_connection_arguments(send)
+    send.add_argument("texts", nargs="+", metavar="TEXT", help="one message each")
+    stats = sub.add_parser("stats", help="print the server's STATS as key=value lines")
+    add_connection_arguments(stats)
+    load = sub.add_parser("bench", help="the load generator: N concurrent sessions",
+                          description=bench.__doc__.split("\n\n")[0])
+    add_connection_arguments(load)
+    bench.add_arguments(load)
+    return parser
+
+
+@defer.inlineCallbacks
+def run_session(reactor, args, out):
+    """``send`` or ``stats`` for parsed ``args``: prints to ``out``; fires with the exit code."""
+    description = endpoint_description(args.host, args.port, args.endpoint)
+    try:
+        client = yield connect(reactor, description, args.user, args.password)
+        if args.command == "send":
+            # Pipelined: every MSG goes out at once; the seqs come back in order.
+            for seq in (yield defer.gatherResults([client.send(t) for t in args.texts])):
+                out.write(f"{seq}\n")
+        else:
+            for key, value in (yield client.stats()).items():
+                out.write(f"{key}={value}\n")
+        yield client.quit()
+    except Exception as e:
+        e = e.subFailure.value if isinstance(e, defer.FirstError) else e
+        sys.stderr.write(f"cserver-client: {_describe(e)}\n")
+        return 1
+    return 0
+
+
+def _describe(error):
+    if isinstance(error, Failure):
+        error = error.value
+    return str(error) or type(error).__name__
+
+
+def main(argv=None):
+    """The ``cserver-client`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from cserver import bench
+
+        sys.exit(bench.main(args))
+    from twisted.internet import task
+
+    def session(reactor):
+        return run_session(reactor, args, sys.stdout).addCallback(_exit)
+
+    task.react(session)
+
+
+def _exit(code):
+    if code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

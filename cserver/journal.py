@@ -1,0 +1,320 @@
+"""The append-only journal: a twisted.logger observer that makes records durable.
+
+The server emits its events through a :class:`twisted.logger.Logger` whose
+observer is a journal.  An event that carries ``cserver_event`` becomes one
+JSON Lines record; an event that also carries ``cserver_ack`` is acknowledged
+through that callable -- ``ack(seq, None)`` once the record is durable under
+the journal's fsync mode, or ``ack(None, reason)`` when it could not be
+written (then it is not in the journal).
+
+Records are batched per reactor turn (group commit): every record taken
+during one turn goes out in one ``write(2)`` and, with ``fsync="always"``,
+one ``fdatasync(2)`` before any of them is acknowledged.
+
+Nothing here knows about sockets; :mod:`cserver.recovery` reads a journal
+back at start.
+"""
+
+import errno
+import os
+from json import dumps, loads
+from json.encoder import encode_basestring as _quote
+
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from cserver.recovery import Recovery, fsync_directory, recover
+
+FSYNC_MODES = ("always", "interval", "never")
+
+#: The event key naming the record's kind: message, auth_failed, start, stop.
+EVENT = "cserver_event"
+#: The event key holding the acknowledgement callable ``ack(seq, reason)``.
+ACK = "cserver_ack"
+#: The event key holding extra fields of a record other than a message.
+FIELDS = "cserver_fields"
+
+_log = Logger()
+
+
+class IJournal(Interface):
+    """
+    An append-only record store fed as a twisted.logger observer.
+    """
+
+    last_seq = Attribute("The seq of the newest record taken (written or not yet).")
+    broken = Attribute("None, or why the journal takes no more records until restart.")
+
+    def __call__(event):
+        """
+        Take one log event (:class:`twisted.logger.ILogObserver`).  Events
+        without ``cserver_event`` are ignored.
+        """
+
+    def flush():
+        """
+        Write (and, by the fsync mode, sync) every record taken so far and
+        acknowledge them now, rather than at the end of the reactor turn.
+        """
+
+    def close():
+        """
+        Flush, stop any periodic sync and release the storage.
+        """
+
+
+class _BatchingJournal:
+    """
+    Seq assignment, record formatting and group commit, over a storage that
+    subclasses provide with ``_append(data)``, ``_sync()`` and
+    ``_truncate(size)``.
+    """
+
+    def __init__(self, clock, last_seq=0, size=0, fsync="always", sync_interval=1.0):
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+        self._clock = clock
+        self._fsync = fsync
+        self.last_seq = last_seq
+        self.size = size
+        self.broken = None
+        self._lines = []
+        self._acks = []
+        self._flush_call = None
+        self._dirty = False
+        self._sync_call = None
+        self._closed = False
+        self._pid = os.getpid()
+        if fsync == "interval":
+            self._sync_call = clock.callLater(sync_interval, self._periodic_sync, sync_interval)
+
+    # -- the observer -------------------------------------------------------
+
+    def __call__(self, event):
+        kind = event.get(EVENT)
+        if kind is None:
+            return
+        ack = event.get(ACK)
+        if self.broken is not None or self._closed:
+            if ack is not None:
+                ack(None, self.broken or "journal closed")
+            return
+        self.last_seq = seq = self.last_seq + 1
+        head = f'{{"seq":{seq},"time":{event["log_time"]!r},"event":"{kind}","pid":{self._pid}'
+        if kind == "message":
+            line = (
+                f'{head},"user":{_quote(event["user"])},"text":{_quote(event["text"])},'
+                f'"peer":{_quote(event["peer"])}}}\n'
+            )
+        else:
+            fields = event.get(FIELDS)
+            if fields:
+                body = dumps(fields, ensure_ascii=False, separators=(",", ":"))
+                line = f"{head},{body[1:]}\n"
+            else:
+                line = head + "}\n"
+        self._lines.append(line)
+        if ack is not None:
+            self._acks.append((seq, ack))
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush_turn)
+
+    def _flush_turn(self):
+        self._flush_call = None
+        self.flush()
+
+    def flush(self):
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
+        if not self._lines:
+            return
+        data = "".join(self._lines).encode("utf-8")
+        acks = self._acks
+        count = len(self._lines)
+        self._lines = []
+        self._acks = []
+        first_seq = self.last_seq - count + 1
+        start = self.size
+        try:
+            self._append(data)
+        except OSError as e:
+            reason = f"write failed: {_describe(e)}"
+            self._undo(start, first_seq, reason)
+            _log.error(
+                "journal: {count} records not written ({reason})", count=count, reason=reason
+            )
+            _fail(acks, reason)
+            return
+        self.size = start + len(data)
+        if self._fsync == "always":
+            try:
+                self._sync()
+            except OSError as e:
+                reason = f"fsync failed: {_describe(e)}"
+                self._undo(start, first_seq, reason)
+                self.broken = reason
+                _log.critical(
+                    "journal: {reason}; no more records are taken until restart", reason=reason
+                )
+                _fail(acks, reason)
+                return
+        else:
+            self._dirty = True
+        for seq, ack in acks:
+            ack(seq, None)
+
+    def _undo(self, start, first_seq, reason):
+        """
+        Cut a failed batch off the storage so that it stays a valid journal.
+        """
+        self.last_seq = first_seq - 1
+        try:
+            self._truncate(start)
+        except OSError as e:
+            self.broken = f"{reason}; truncate failed: {_describe(e)}"
+            _log.critical("journal: {reason}", reason=self.broken)
+
+    def _periodic_sync(self, interval):
+        self._sync_call = self._clock.callLater(interval, self._periodic_sync, interval)
+        self.sync()
+
+    def sync(self):
+        """
+        Sync what is written, if anything is not yet synced.
+        """
+        if not self._dirty or self.broken is not None:
+            return
+        self._dirty = False
+        try:
+            self._sync()
+        except OSError as e:
+            self.broken = f"fsync failed: {_describe(e)}"
+            _log.critical(
+                "journal: {reason}; no more records are taken until restart",
+                reason=self.broken,
+            )
+
+    def close(self):
+        if self._closed:
+            return
+        self.flush()
+        self.sync()
+        if self._sync_call is not None and self._sync_call.active():
+            self._sync_call.cancel()
+        self._sync_call = None
+        self._closed = True
+        self._release()
+
+    def _release(self):
+        pass
+
+
+def _fail(acks, reason):
+    for _seq, ack in acks:
+        ack(None, reason)
+
+
+def _describe(error):
+    name = errno.errorcode.get(error.errno, "error") if error.errno else "error"
+    return f"{name} {error.strerror or error}"
+
+
+@implementer(IJournal)
+class FileJournal(_BatchingJournal):
+    """
+    A journal in a file, only ever appended to.
+
+    Open it with :meth:`open`, which recovers the file first.  The
+    ``_os_write``, ``_os_fdatasync`` and ``_os_ftruncate`` attributes are the
+    system calls it uses; tests replace them to inject I/O errors.
+    """
+
+    _os_write = staticmethod(os.write)
+    _os_fdatasync = staticmethod(os.fdatasync)
+    _os_ftruncate = staticmethod(os.ftruncate)
+
+    def __init__(self, path, fd, recovery, clock, fsync="always", sync_interval=1.0):
+        super().__init__(
+            clock,
+            last_seq=recovery.last_seq,
+            size=recovery.size,
+            fsync=fsync,
+            sync_interval=sync_interval,
+        )
+        self.path = path
+        self.recovery = recovery
+        self._fd = fd
+
+    @classmethod
+    def open(cls, path, clock, fsync="always", sync_interval=1.0):
+        """
+        Recover the journal at ``path`` (creating it, durably, if it does not
+        exist) and open it for appending.
+
+        @raise cserver.recovery.JournalDamaged: a record before the end of
+            the file is damaged; the file is left as it was.
+        """
+        recovery = recover(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if recovery.created:
+                os.fsync(fd)
+                fsync_directory(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, recovery, clock, fsync=fsync, sync_interval=sync_interval)
+
+    def _append(self, data):
+        view = memoryview(data)
+        while view:
+            written = self._os_write(self._fd, view)
+            view = view[written:]
+
+    def _sync(self):
+        self._os_fdatasync(self._fd)
+
+    def _truncate(self, size):
+        self._os_ftruncate(self._fd, size)
+
+    def _release(self):
+        os.close(self._fd)
+
+
+@implementer(IJournal)
+class MemoryJournal(_BatchingJournal):
+    """
+    A journal kept in memory, for tests: ``data`` holds the bytes a file
+    journal would hold.  Set ``fail_writes`` to an ``OSError`` to make
+    writes fail, ``fail_syncs`` likewise for syncs.
+    """
+
+    def __init__(self, clock, fsync="always", recovery=None):
+        recovery = recovery or Recovery()
+        super().__init__(clock, last_seq=recovery.last_seq, size=0, fsync=fsync)
+        self.recovery = recovery
+        self.data = b""
+        self.syncs = 0
+        self.fail_writes = None
+        self.fail_syncs = None
+
+    def _append(self, data):
+        if self.fail_writes is not None:
+            raise self.fail_writes
+        self.data += data
+
+    def _sync(self):
+        if self.fail_syncs is not None:
+            raise self.fail_syncs
+        self.syncs += 1
+
+    def _truncate(self, size):
+        self.data = self.data[:size]
+
+    def records(self):
+        """
+        The records written so far, parsed.
+        """
+        return [loads(line) for line in self.data.splitlines()]
+

@@ -1,0 +1,327 @@
+"""One client connection: the line protocol v1 state machine.
+
+Lines end with LF (a CR before it is dropped); replies end with CRLF and go
+out in request order, even when a MSG's reply waits on the journal.  The
+connection reaches the shared state only through ``self.factory``
+(:class:`cserver.server.CServerFactory`).  See docs/protocol.rst.
+"""
+
+from collections import deque
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from cserver import __version__
+from cserver.auth import IUser, credentials_for
+
+#: Failed AUTHs after which a connection is closed.
+MAX_AUTH_FAILURES = 3
+
+
+class _Reply:
+    """
+    A place in a connection's reply queue; for a MSG, also the callable the
+    journal acknowledges it through.
+    """
+
+    __slots__ = ("line", "protocol", "close")
+
+    def __init__(self, protocol, line=None, close=False):
+        self.protocol = protocol
+        self.line = line
+        self.close = close
+
+    def __call__(self, seq, reason):
+        protocol = self.protocol
+        if reason is None:
+            self.line = b"OK %d\r\n" % (seq,)
+        else:
+            self.line = b"ERR unavailable %s\r\n" % (reason.encode("utf-8"),)
+        protocol.factory.message_done(protocol, reason is None)
+        protocol.inflight -= 1
+        protocol._send_ready()
+        protocol._update_flow()
+
+
+@implementer(IPushProducer)
+class CServerProtocol(LineReceiver):
+    """
+    The server side of one connection.
+
+    @ivar user: the authenticated user name, or None.
+    @ivar mine: messages acknowledged on this connection.
+    @ivar inflight: MSGs received here and not yet answered.
+    @ivar active: set on every line; the factory's idle sweep clears it.
+    """
+
+    delimiter = b"\n"
+    log = Logger()
+
+    user = None
+    peer = "-"
+    mine = 0
+    inflight = 0
+    active = True
+    idle_since = 0.0
+    paused = False
+    _closing = False
+    _counted = False
+    _awaiting_auth = False
+    _writes_paused = False
+    _auth_failures = 0
+    _auth_timer = None
+
+    def __init__(self):
+        self._queue = deque()
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self):
+        factory = self.factory
+        self.peer = _describe_peer(self.transport.getPeer())
+        if not factory.connection_made(self):
+            self.transport.write(b"ERR busy\r\n")
+            self._closing = True
+            self.transport.loseConnection()
+            return
+        self._counted = True
+        self.MAX_LENGTH = factory.max_line
+        self.transport.registerProducer(self, True)
+        self.transport.write(b"HELLO cserver %s\r\n" % (__version__.encode(),))
+        if factory.auth_timeout:
+            self._auth_timer = factory.clock.callLater(factory.auth_timeout, self.timed_out)
+
+    def connectionLost(self, reason):
+        self._closing = True
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+        if self._counted:
+            self._counted = False
+            self.factory.connection_lost(self)
+
+    def timed_out(self):
+        """
+        Say ``ERR timeout`` and close: idle, or not authenticated in time.
+        """
+        self._auth_timer = None
+        if not self._closing:
+            self._close_with(b"ERR timeout\r\n")
+
+    # -- lines --------------------------------------------------------------
+
+    def dataReceived(self, data):
+        """
+        Split lines in one pass over the buffer (LineReceiver's split costs
+        a copy of the rest of the buffer per line).
+        """
+        if self._busyReceiving:
+            self._buffer += data
+            return
+        self._busyReceiving = True
+        try:
+            buffer, self._buffer = self._buffer + data, b""
+            start = 0
+            limit = self.MAX_LENGTH
+            while not self.paused and not self._closing:
+                end = buffer.find(b"\n", start)
+                if end < 0:
+                    break
+                if end - start > limit:
+                    start = len(buffer)
+                    self.lineLengthExceeded(b"")
+                    break
+                self.lineReceived(buffer[start:end])
+                start = end + 1
+            rest = buffer[start:] + self._buffer
+            if len(rest) > limit and not self._closing:
+                rest = b""
+                self.lineLengthExceeded(b"")
+            self._buffer = rest if not self._closing else b""
+        finally:
+            self._busyReceiving = False
+
+    def lineLengthExceeded(self, line):
+        self._close_with(b"ERR toolong\r\n")
+
+    def lineReceived(self, line):
+        if self._closing:
+            return
+        self.active = True
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if not line:
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(b"ERR encoding line is not valid UTF-8\r\n")
+            return
+        word, _, arg = text.partition(" ")
+        verb = word.upper()
+        if verb == "MSG":
+            self.do_msg(arg)
+        elif verb == "AUTH":
+            self.do_auth(arg)
+        elif verb == "STATS":
+            self.do_stats()
+        elif verb == "QUIT":
+            self._close_with(b"OK bye\r\n")
+        else:
+            self._reply(b"ERR unknown %s\r\n" % (_clip(word).encode("utf-8"),))
+
+    def do_msg(self, text):
+        if self.user is None:
+            self._reply(b"ERR noauth authenticate first\r\n")
+            return
+        if not text:
+            self._reply(b"ERR syntax MSG needs a text\r\n")
+            return
+        reply = _Reply(self)
+        self._queue.append(reply)
+        self.inflight += 1
+        self.factory.submit_message(self, text, reply)
+        self._update_flow()
+
+    def do_auth(self, arg):
+        if self.user is not None:
+            self._reply(b"ERR state already authenticated\r\n")
+            return
+        user, _, password = arg.partition(" ")
+        if not user:
+            self._reply(b"ERR syntax AUTH needs a user name\r\n")
+            return
+        portal = self.factory.portal
+        credentials = credentials_for(portal, user, password or None)
+        if credentials is None:
+            self._auth_failed(user, b"ERR auth a password is required\r\n")
+            return
+        reply = _Reply(self)
+        self._queue.append(reply)
+        self._awaiting_auth = True
+        d = portal.login(credentials, None, IUser)
+        d.addCallbacks(self._logged_in, self._login_failed, (reply,), None, (reply, user))
+        d.addErrback(self.log.failure, "AUTH for {user} failed unexpectedly", user=user)
+        self._update_flow()
+
+    def _logged_in(self, result, reply):
+        _interface, avatar, _logout = result
+        self._awaiting_auth = False
+        if self._closing:
+            return
+        self.user = avatar.name
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+        reply.line = b"OK %s\r\n" % (avatar.name.encode("utf-8"),)
+        self._send_ready()
+        self._update_flow()
+
+    def _login_failed(self, failure, reply, user):
+        self._awaiting_auth = False
+        if not failure.check(UnauthorizedLogin):
+            self.log.failure("AUTH for {user} failed unexpectedly", failure, user=user)
+        if not self._closing:
+            self._auth_failed(user, b"ERR auth wrong user or password\r\n", reply)
+            self._update_flow()
+
+    def _auth_failed(self, user, line, reply=None):
+        """
+        Count and journal a failed AUTH; the third on a connection closes it.
+        """
+        self._auth_failures += 1
+        self.factory.auth_failed(self, user)
+        if reply is None:
+            reply = _Reply(self)
+            self._queue.append(reply)
+        reply.line = line
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            reply.close = True
+            self._closing = True
+        self._send_ready()
+
+    def do_stats(self):
+        stats = self.factory.stats(self)
+        body = " ".join(f"{key}={value}" for key, value in stats.items())
+        self._reply(b"OK %s\r\n" % (body.encode("utf-8"),))
+
+    # -- replies, in order --------------------------------------------------
+
+    def _reply(self, line):
+        if self._queue:
+            self._queue.append(_Reply(self, line))
+        else:
+            self.transport.write(line)
+
+    def _close_with(self, line):
+        """
+        Stop taking lines; send ``line`` after every reply owed, then close.
+        """
+        self._closing = True
+        self._queue.append(_Reply(self, line, close=True))
+        self._send_ready()
+
+    def _send_ready(self):
+        queue = self._queue
+        write = self.transport.write
+        while queue and queue[0].line is not None:
+            reply = queue.popleft()
+            write(reply.line)
+            if reply.close:
+                self.transport.unregisterProducer()
+                self.transport.loseConnection()
+                queue.clear()
+
+    # -- flow control -------------------------------------------------------
+
+    def _update_flow(self):
+        """
+        Read from the client only while it is authenticated or authenticating
+        in step, its unanswered MSGs are under the factory's bound, and the
+        transport is not holding too many unsent replies.
+        """
+        stop = (
+            self._awaiting_auth
+            or self.inflight >= self.factory.max_pending
+            or self._writes_paused
+            or self._closing
+        )
+        if stop == self.paused:
+            return
+        self.paused = stop
+        if stop:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+            self.dataReceived(b"")
+
+    def pauseProducing(self):
+        """
+        The transport's write buffer is full: stop reading requests.
+        """
+        self._writes_paused = True
+        self._update_flow()
+
+    def resumeProducing(self):
+        """
+        The transport's write buffer has drained.
+        """
+        self._writes_paused = False
+        self._update_flow()
+
+    def stopProducing(self):
+        self._closing = True
+
+
+def _clip(text, limit=40):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _describe_peer(address):
+    host = getattr(address, "host", None)
+    if host is None:
+        return getattr(address, "type", "unix").lower()
+    return f"{host}:{address.port}"

@@ -1,0 +1,253 @@
+"""The server's global state: the protocol factory.
+
+One :class:`CServerFactory` holds what all connections share -- counters,
+per-user message counts, limits, the cred portal and the journal -- and is
+the only way a connection reaches them.  Every record goes to the journal
+through a :class:`twisted.logger.Logger` whose observer is the journal.
+"""
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from cserver import __version__
+from cserver.journal import ACK, EVENT, FIELDS
+from cserver.protocol import CServerProtocol
+
+
+@attrs.frozen
+class Limits:
+    """
+    The per-server limits a user sets with options.
+
+    @ivar max_connections: connections open at once; more get ``ERR busy``.
+    @ivar idle_timeout: seconds without a line before ``ERR timeout`` (0: never).
+    @ivar auth_timeout: seconds to authenticate (0: no limit).
+    @ivar max_line: the longest request line, in bytes.
+    @ivar work_delay: seconds each MSG waits before it is journaled.
+    @ivar max_pending: unanswered MSGs a connection may have before the
+        server stops reading from it.
+    """
+
+    max_connections: int = 10000
+    idle_timeout: float = 300.0
+    auth_timeout: float = 30.0
+    max_line: int = 65536
+    work_delay: float = 0.0
+    max_pending: int = 1000
+
+
+class CServerFactory(ServerFactory):
+    """
+    Builds :class:`CServerProtocol` connections and holds the state they share.
+
+    @ivar total: message records in the journal, all time.
+    @ivar served: messages acknowledged since start.
+    @ivar connections: connections open now.
+    @ivar peak: the most connections open at once since start.
+    @ivar inflight: MSGs received and not yet answered.
+    @ivar inflight_peak: the most MSGs in flight at once since start.
+    @ivar users: message records per user, all time.
+    @ivar auth_failures: failed AUTHs since start.
+    """
+
+    protocol = CServerProtocol
+    log = Logger()
+
+    def __init__(self, journal, portal, clock, limits=Limits()):
+        self.journal = journal
+        self.journal_log = Logger(namespace="cserver.journal", observer=journal)
+        self.portal = portal
+        self.clock = clock
+        self.limits = limits
+        self.max_line = limits.max_line
+        self.max_pending = limits.max_pending
+        self.auth_timeout = limits.auth_timeout
+        recovery = journal.recovery
+        self.total = recovery.messages
+        self.users = dict(recovery.users)
+        self.served = 0
+        self.connections = 0
+        self.peak = 0
+        self.inflight = 0
+        self.inflight_peak = 0
+        self.auth_failures = 0
+        self.stopping = False
+        self.protocols = set()
+        self._drained = []
+        self._sweep_call = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def startFactory(self):
+        timeout = self.limits.idle_timeout
+        if timeout and self._sweep_call is None:
+            self._schedule_sweep(min(1.0, timeout / 4))
+
+    def stopFactory(self):
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+
+    def _schedule_sweep(self, interval):
+        self._sweep_call = self.clock.callLater(interval, self._sweep, interval)
+
+    def _sweep(self, interval):
+        """
+        Time out connections that sent no line for ``idle_timeout`` seconds
+        (give or take ``interval``) and are owed no reply.
+        """
+        self._schedule_sweep(interval)
+        now = self.clock.seconds()
+        timeout = self.limits.idle_timeout
+        expired = []
+        for protocol in self.protocols:
+            if protocol.active or protocol.inflight:
+                protocol.active = False
+                protocol.idle_since = now
+            elif now - protocol.idle_since >= timeout:
+                expired.append(protocol)
+        for protocol in expired:
+            protocol.timed_out()
+
+    def record_start(self):
+        """
+        Journal the ``start`` record, with what recovery found.
+        """
+        recovery = self.journal.recovery
+        fields = {
+            "version": __version__,
+            "records": recovery.records,
+            "last_seq": recovery.last_seq,
+            "messages": recovery.messages,
+            "torn_bytes": recovery.torn_bytes,
+            "torn_file": recovery.torn_path,
+        }
+        return self._record("start", fields, "cserver {version} starting")
+
+    def record_stop(self):
+        """
+        Journal the ``stop`` record; fires once it is durable.
+        """
+        fields = {"served": self.served, "total": self.total}
+        return self._record("stop", fields, "cserver stopping")
+
+    def _record(self, kind, fields, message):
+        d = defer.Deferred()
+
+        def ack(seq, reason):
+            if reason is None:
+                d.callback(seq)
+            else:
+                d.errback(OSError(reason))
+
+        self.journal_log.info(message, **{EVENT: kind, FIELDS: fields, ACK: ack}, **fields)
+        return d
+
+    def drain(self):
+        """
+        Take no more MSGs; fire once every MSG in flight is answered.
+        """
+        self.stopping = True
+        if not self.inflight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drained.append(d)
+        return d
+
+    # -- connections --------------------------------------------------------
+
+    def connection_made(self, protocol):
+        """
+        Count a new connection; False when it is one too many.
+        """
+        if self.connections >= self.limits.max_connections:
+            return False
+        self.connections += 1
+        if self.connections > self.peak:
+            self.peak = self.connections
+        protocol.idle_since = self.clock.seconds()
+        self.protocols.add(protocol)
+        return True
+
+    def connection_lost(self, protocol):
+        self.connections -= 1
+        self.protocols.discard(protocol)
+
+    # -- messages -----------------------------------------------------------
+
+    def submit_message(self, protocol, text, ack):
+        """
+        Journal ``text`` from ``protocol``'s user, after the work delay;
+        ``ack(seq, reason)`` is called once it is durable or has failed.
+        """
+        self.inflight += 1
+        if self.inflight > self.inflight_peak:
+            self.inflight_peak = self.inflight
+        if self.stopping:
+            ack(None, "server stopping")
+            return
+        delay = self.limits.work_delay
+        if delay:
+            self.clock.callLater(delay, self._journal_message, protocol.user, text,
+                                 protocol.peer, ack)
+        else:
+            self._journal_message(protocol.user, text, protocol.peer, ack)
+
+    def _journal_message(self, user, text, peer, ack):
+        self.journal_log.info(
+            "server recvd message {text!r} from user {user}",
+            cserver_event="message",
+            cserver_ack=ack,
+            user=user,
+            text=text,
+            peer=peer,
+        )
+
+    def message_done(self, protocol, acked):
+        """
+        A MSG of ``protocol`` was answered: acknowledged, or refused.
+        """
+        if acked:
+            self.served += 1
+            self.total += 1
+            protocol.mine += 1
+            user = protocol.user
+            self.users[user] = self.users.get(user, 0) + 1
+        self.inflight -= 1
+        if not self.inflight and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def auth_failed(self, protocol, user):
+        """
+        Count and journal a failed AUTH (the name and the peer, never a
+        password).
+        """
+        self.auth_failures += 1
+        fields = {"user": user, "peer": protocol.peer}
+        self.journal_log.info(
+            "AUTH failed for user {user} from {peer}",
+            **{EVENT: "auth_failed", FIELDS: fields},
+            **fields,
+        )
+
+    def stats(self, protocol):
+        """
+        The figures ``STATS`` reports to ``protocol``.
+        """
+        user = protocol.user
+        return {
+            "total": self.total,
+            "served": self.served,
+            "connections": self.connections,
+            "peak": self.peak,
+            "inflight": self.inflight,
+            "inflight_peak": self.inflight_peak,
+            "mine": protocol.mine,
+            "user": user if user is not None else "-",
+            "user_total": self.users.get(user, 0),
+            "auth_failures": self.auth_failures,
+        }

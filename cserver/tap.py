@@ -1,0 +1,146 @@
+"""``twistd cserver``: the command-line options and the service they make."""
+
+import getpass
+import resource
+
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword
+from twisted.python import usage
+
+from cserver.journal import FSYNC_MODES
+
+DEFAULT_PORT = "tcp:31337:interface=127.0.0.1"
+#: The listen backlog added to endpoint descriptions that do not set one:
+#: Twisted's default of 50 makes 1000 simultaneous connects take seconds.
+BACKLOG = 4096
+
+
+def _positive_int(value):
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _seconds(value):
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be 0 or more seconds")
+    return number
+
+
+_positive_int.coerceDoc = "A whole number, at least 1."
+_seconds.coerceDoc = "Seconds, 0 or more."
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    """
+    Options of ``twistd cserver``.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "An authenticated append-only message server: clients AUTH, then each "
+        "MSG is appended to a JSON Lines journal and acknowledged once durable. "
+        "Without --auth, AUTH <user> is accepted for the names in --users; with "
+        "--auth, AUTH <user> <password> is checked against those checkers."
+    )
+    supportedInterfaces = (IUsernamePassword,)
+
+    optParameters = [
+        ["port", "p", DEFAULT_PORT, "Endpoint description to listen on."],
+        ["journal", "j", "cserver.jsonl", "The journal file (JSON Lines, append-only)."],
+        ["fsync", None, "always", f"When to fsync the journal: {', '.join(FSYNC_MODES)}."],
+        ["users", "u", None, "Comma-separated user names AUTH accepts without --auth "
+         "(default: the account running the server)."],
+        ["max-connections", None, 10000, "Connections open at once.", _positive_int],
+        ["idle-timeout", None, 300.0, "Seconds without a request before a "
+         "connection is closed (0: never).", _seconds],
+        ["auth-timeout", None, 30.0, "Seconds a connection has to authenticate "
+         "(0: no limit).", _seconds],
+        ["max-line", None, 65536, "The longest request line, in bytes.", _positive_int],
+        ["work-delay", None, 0.0, "Seconds each MSG waits before it is journaled "
+         "(to show requests overlapping).", _seconds],
+    ]
+
+    def postOptions(self):
+        if self["fsync"] not in FSYNC_MODES:
+            raise usage.UsageError(
+                f"--fsync must be one of {', '.join(FSYNC_MODES)}, not {self['fsync']!r}"
+            )
+        if self["users"] is None:
+            self["users"] = getpass.getuser()
+        users = [name.strip() for name in self["users"].split(",") if name.strip()]
+        if not users and not self.get("credCheckers"):
+            raise usage.UsageError("--users names nobody: no one could authenticate")
+        self["user_list"] = users
+        self["port"] = with_backlog(self["port"])
+
+
+def with_backlog(description):
+    """
+    Add a large listen backlog to a tcp, ssl or unix endpoint description
+    that does not set one.
+    """
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={BACKLOG}"
+    return description
+
+
+def raise_open_file_limit(wanted):
+    """
+    Raise the soft open-file limit toward ``wanted`` (as far as the hard
+    limit allows); return the soft limit in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+def makeService(config):
+    """
+    Recover the journal and build the server from parsed :class:`Options`.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.logger import Logger
+
+    from cserver.auth import allow_list_portal, password_portal
+    from cserver.journal import FileJournal
+    from cserver.recovery import JournalDamaged
+    from cserver.server import CServerFactory, Limits
+    from cserver.service import CServerService
+
+    log = Logger(namespace="cserver.tap")
+    limits = Limits(
+        max_connections=config["max-connections"],
+        idle_timeout=config["idle-timeout"],
+        auth_timeout=config["auth-timeout"],
+        max_line=config["max-line"],
+        work_delay=config["work-delay"],
+    )
+    files = raise_open_file_limit(limits.max_connections + 64)
+    if files < limits.max_connections + 64:
+        log.warn(
+            "the open-file limit is {files}: fewer than --max-connections={wanted} "
+            "connections can be open at once (raise the hard limit: ulimit -Hn)",
+            files=files,
+            wanted=limits.max_connections,
+        )
+    try:
+        journal = FileJournal.open(config["journal"], reactor, fsync=config["fsync"])
+    except JournalDamaged as e:
+        raise SystemExit(f"cserver: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"cserver: cannot open journal {config['journal']}: {e}") from None
+    if config.get("credCheckers"):
+        portal = password_portal(config.get("credCheckers"))
+    else:
+        portal = allow_list_portal(config["user_list"])
+    factory = CServerFactory(journal, portal, reactor, limits)
+    endpoint = serverFromString(reactor, config["port"])
+    return CServerService(factory, endpoint, reactor, exit_cleanly=True)
