@@ -283,11 +283,12 @@ class CServerProtocol(LineReceiver):
         in step, its unanswered MSGs are under the factory's bound, and the
         transport is not holding too many unsent replies.
         """
+        if self._closing:
+            return
         stop = (
             self._awaiting_auth
             or self.inflight >= self.factory.max_pending
             or self._writes_paused
-            or self._closing
         )
         if stop == self.paused:
             return

@@ -1,0 +1,152 @@
+"""A real ``twistd -n cserver`` in a child process, and a blocking line client,
+for end-to-end tests on loopback."""
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+_LISTENING = re.compile(r"listening on tcp:127\.0\.0\.1:(\d+)")
+
+
+def twistd_command():
+    """
+    The twistd of the Python running the tests (a virtualenv's, when it is one).
+    """
+    near = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return [near] if os.path.exists(near) else [shutil.which("twistd") or "twistd"]
+
+
+class ServerProcess:
+    """
+    ``twistd -n cserver`` on a free loopback port, its journal in ``directory``.
+
+    @ivar output: every line the server printed so far.
+    """
+
+    def __init__(self, directory, *args, journal=None):
+        self.directory = str(directory)
+        self.journal = str(journal or os.path.join(self.directory, "journal.jsonl"))
+        self.args = list(args)
+        self.output = []
+        self.port = None
+        self.process = None
+        self._lines = queue.Queue()
+
+    def start(self, timeout=20):
+        """
+        Start the server and wait until it says it is listening.
+        """
+        command = twistd_command() + [
+            "-n", "--pidfile=", "cserver",
+            "--port", "tcp:0:interface=127.0.0.1",
+            "--journal", self.journal,
+            *self.args,
+        ]
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.directory,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.wait_for(_LISTENING, timeout)
+        if line is None:
+            self.kill()
+            raise AssertionError("server did not start:\n" + "".join(self.output))
+        self.port = int(_LISTENING.search(line).group(1))
+        return self
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pattern, timeout=20):
+        """
+        The next output line matching ``pattern``; None if the server exits
+        or the time runs out first.
+        """
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                return None
+            if line is None:
+                return None
+            if pattern.search(line):
+                return line
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        """
+        Send ``sig`` and wait for the exit; returns the exit status.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def kill(self):
+        """
+        SIGKILL: no chance to clean up.
+        """
+        return self.stop(signal.SIGKILL)
+
+    def connect(self, timeout=10):
+        return LineClient(self.port, timeout)
+
+
+class LineClient:
+    """
+    A blocking client of the line protocol, for tests.
+    """
+
+    def __init__(self, port, timeout=10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.read_line()
+
+    def send(self, *lines):
+        self.sock.sendall(b"".join(line.encode("utf-8") + b"\n" for line in lines))
+
+    def read_line(self):
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("server closed the connection")
+        assert line.endswith(b"\r\n"), line
+        return line[:-2].decode("utf-8")
+
+    def request(self, line):
+        self.send(line)
+        return self.read_line()
+
+    def stats(self):
+        reply = self.request("STATS")
+        assert reply.startswith("OK "), reply
+        return dict(item.split("=", 1) for item in reply[3:].split())
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+def read_journal(path):
+    """
+    The records of a journal file, parsed.
+    """
+    import json
+
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f]
