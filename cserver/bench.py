@@ -120,7 +120,8 @@ def percentiles(latencies):
     n = len(values)
     if not n:
         return {name: None for name, _ in PERCENTILES} | {"max": None}
-    out = {name: round(values[max(0, math.ceil(q * n) - 1)] * 1e3, 3) for name, q in PERCENTILES}
+    rank = {name: max(0, math.ceil(round(q * n, 6)) - 1) for name, q in PERCENTILES}
+    out = {name: round(values[i] * 1e3, 3) for name, i in rank.items()}
     out["max"] = round(values[-1] * 1e3, 3)
     return out
 
@@ -323,7 +324,7 @@ class Bench(ClientFactory):
         self.aborting = False
         self.open_loop = bool(config.rate)
         self.done = defer.Deferred()
-        self._timers = []
+        self._timers = {}
         password = "" if config.password is None else " " + config.password
         self.auth_line = f"AUTH {config.user}{password}\n".encode()
         self.msg_prefix = f"MSG {config.text} ".encode() if config.text else b"MSG "
@@ -367,6 +368,8 @@ class Bench(ClientFactory):
         if self.result.authenticated == self.config.connections:
             self.connecting = []
             self.on_ready()
+        elif self.result.failed:
+            self._check_barrier()
 
     def go(self):
         """Pass the barrier: ask the server's STATS on one session, then send."""
@@ -413,10 +416,7 @@ class Bench(ClientFactory):
         self._next = due
         if due < total:
             delay = max(0.0, start + due / rate - now)
-            self._timers.append(self.reactor.callLater(delay, self._tick))
-        for session in sessions:
-            if session.state == RUN and not session.sent_at and not session.to_send:
-                session.quit()
+            self._timers["tick"] = self.reactor.callLater(delay, self._tick)
 
     def messages_done(self, session):
         self.sending -= 1
@@ -456,7 +456,7 @@ class Bench(ClientFactory):
         for session in self.sessions:
             if session.state not in (DONE, FAILED):
                 session.transport.loseConnection()
-        self._timers.append(self.reactor.callLater(5, self._finish))
+        self._timers["abort"] = self.reactor.callLater(5, self._finish)
 
     def attempt_ended(self):
         self.ended += 1
@@ -475,7 +475,7 @@ class Bench(ClientFactory):
             self.result.errors["timeout"] = self.result.errors.get("timeout", 0) + stuck
             self.result.failed += stuck
             self.abort(f"no progress for {self.config.timeout:g} s: {stuck} sessions stuck")
-        self._timers.append(self.reactor.callLater(1.0, self._watch, seen, since))
+        self._timers["watch"] = self.reactor.callLater(1.0, self._watch, seen, since)
 
     def _finish(self):
         if self.done.called:
@@ -485,7 +485,7 @@ class Bench(ClientFactory):
             result.t2 = self.now()
         result.t3 = self.now()
         result.acked = self.acked
-        for timer in self._timers:
+        for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
         self.done.callback(result)
@@ -565,8 +565,9 @@ def format_table(report):
     rows = [
         ("connections", f"{report.connections} ({report.processes} process{plural}), "
                         f"{report.authenticated} authenticated, server peak {peak}"),
-        ("messages", f"{report.acked}/{report.messages} acked, pipeline {report.pipeline}"
-                     + (f", open loop at {report.rate:g}/s" if report.rate else "")),
+        ("messages", f"{report.acked}/{report.messages} acked, "
+                     + (f"open loop at {report.rate:g}/s" if report.rate
+                        else f"pipeline {report.pipeline}")),
         ("errors", errors),
         ("connect+auth", num(report.connect_ms)),
         ("messages", f"{num(report.messages_ms)}  ({report.msg_per_s:.0f} msg/s)"),
@@ -649,6 +650,8 @@ def run_local(config, child=False, progress=None):
 
     reactor.callWhenRunning(start)
     reactor.run()
+    if not outcome:
+        raise SystemExit("cserver-client: interrupted")
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return outcome[0]
@@ -664,19 +667,18 @@ def run_processes(config, processes):
         child.stdin.write(json.dumps(attrs.asdict(c)).encode() + b"\n")
         child.stdin.flush()
         children.append(child)
-    results, ready, buffers = [None] * processes, set(), [b""] * processes
+    results, ready = [None] * processes, set()
+    buffers = [bytearray() for _ in range(processes)]
     selector = selectors.DefaultSelector()
     for i, child in enumerate(children):
         selector.register(child.stdout, selectors.EVENT_READ, i)
 
-    def tell(word):
-        for i, child in enumerate(children):
-            if results[i] is None:
-                try:
-                    child.stdin.write(word)
-                    child.stdin.flush()
-                except OSError:
-                    pass
+    def tell(i, word):
+        try:
+            children[i].stdin.write(word)
+            children[i].stdin.flush()
+        except OSError:
+            pass
 
     aborted, open_pipes = False, processes
     while open_pipes:
@@ -692,17 +694,30 @@ def run_processes(config, processes):
                 selector.unregister(key.fileobj)
                 open_pipes -= 1
                 continue
-            *lines, buffers[i] = (buffers[i] + chunk).split(b"\n")
+            buffer = buffers[i]
+            buffer += chunk
+            end = buffer.rfind(b"\n")
+            if end < 0:
+                continue
+            lines = bytes(buffer[:end]).split(b"\n")
+            del buffer[:end + 1]
             for line in lines:
                 if line == b"ready":
                     ready.add(i)
-                    if len(ready) == processes and not aborted:
-                        tell(b"go\n")
+                    if aborted:
+                        tell(i, b"abort\n")
+                    elif len(ready) == processes:
+                        for j in ready:
+                            tell(j, b"go\n")
                 elif line.startswith(b"{"):
                     results[i] = RunResult(**json.loads(line))
                     if i not in ready and not aborted:
+                        # This child could not open its sessions: the barrier cannot
+                        # pass; release the ones waiting at it (the others end alone).
                         aborted = True
-                        tell(b"abort\n")
+                        for j in ready:
+                            if results[j] is None:
+                                tell(j, b"abort\n")
     for i, child in enumerate(children):
         status = child.wait()
         if results[i] is None:
@@ -716,12 +731,12 @@ def run_processes(config, processes):
 def child_main():
     """A ``--processes`` child: config on stdin, ``ready``/``go`` handshake, JSON result."""
     data = b""
-    while not data.endswith(b"\n"):
+    while b"\n" not in data:
         chunk = os.read(0, 65536)
         if not chunk:
             return 2
         data += chunk
-    config = BenchConfig(**json.loads(data))
+    config = BenchConfig(**json.loads(data.partition(b"\n")[0]))
     problem = ensure_open_files(config.connections)
     if problem:
         result = RunResult(requested=config.connections, failed=config.connections,
@@ -790,10 +805,11 @@ def main(args, stdout=None, stderr=None):
     else:
         problem = ensure_open_files(config.connections)
         if problem:
-            stderr.write(f"cserver-client: {problem}\n")
-            return 2
-        tty = not args.json and stdout.isatty()
-        results = [run_local(config, progress=stderr if tty else None)]
+            results = [RunResult(requested=config.connections, failed=config.connections,
+                                 errors={"limit": config.connections}, notes=[problem])]
+        else:
+            tty = not args.json and stdout.isatty()
+            results = [run_local(config, progress=stderr if tty else None)]
     report = make_report(config, results, args.processes)
     for note in report.notes:
         stderr.write(f"cserver-client: {note}\n")

@@ -108,32 +108,38 @@ class CserverClientProtocol(LineReceiver):
         self._lost = None
 
     def lineReceived(self, line):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        try:
-            ok, data = parse_reply(line.decode("utf-8"))
-        except (UnicodeDecodeError, UnexpectedReplyError) as e:
-            if self.greeted.called or not line.startswith(b"HELLO "):
-                self.log.warn("dropping the connection: {error}", error=e)
-                self.transport.loseConnection()
-                return
-            ok, data = True, line.decode("utf-8", "replace")
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
         if not self.greeted.called:
-            if ok:
-                self.server_version = data.rpartition(" ")[2]
-                self.greeted.callback(self.server_version)
-            else:
-                self.greeted.errback(data)
+            self._greeting(text)
+            return
+        try:
+            ok, data = parse_reply(text)
+        except UnexpectedReplyError as e:
+            self.log.warn("dropping the connection: {error}", error=e)
+            self.transport.loseConnection()
             return
         if not self._pending:
-            if not ok:
-                self.log.info("unsolicited {error}", error=data)
+            self.log.info("reply to no request: {line}", line=text)
             return
         d, convert = self._pending.popleft()
         if ok:
             d.callback(convert(data) if convert else data)
         else:
             d.errback(data)
+
+    def _greeting(self, text):
+        if text.startswith("HELLO "):
+            self.server_version = text.rpartition(" ")[2]
+            self.greeted.callback(self.server_version)
+            return
+        try:
+            _, error = parse_reply(text)
+        except UnexpectedReplyError as e:
+            error = e
+        if not isinstance(error, ServerError):
+            error = UnexpectedReplyError(f"expected HELLO, got {text!r}")
+        self.greeted.errback(error)
+        self.transport.loseConnection()
 
     def lineLengthExceeded(self, line):
         self.transport.loseConnection()

@@ -19,6 +19,7 @@ import errno
 import os
 from json import dumps, loads
 from json.encoder import encode_basestring as _quote
+from time import time
 
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
@@ -35,6 +36,24 @@ ACK = "cserver_ack"
 FIELDS = "cserver_fields"
 
 _log = Logger()
+
+
+class JournalLogger(Logger):
+    """
+    A Logger for the journal's events, lean enough for one event per
+    message: its ``emit`` skips the validation of the level (callers pass
+    :class:`LogLevel` constants) and the trace bookkeeping, and otherwise
+    makes the same event.
+    """
+
+    def emit(self, level, format=None, **kwargs):
+        kwargs["log_logger"] = self
+        kwargs["log_level"] = level
+        kwargs["log_namespace"] = self.namespace
+        kwargs["log_source"] = self.source
+        kwargs["log_format"] = format
+        kwargs["log_time"] = time()
+        self.observer(kwargs)
 
 
 class IJournal(Interface):
@@ -68,9 +87,16 @@ class _BatchingJournal:
     Seq assignment, record formatting and group commit, over a storage that
     subclasses provide with ``_append(data)``, ``_sync()`` and
     ``_truncate(size)``.
+
+    With ``fsync="always"`` and a ``run_sync`` (a callable that runs a
+    function off the reactor thread and returns a Deferred), the sync runs in
+    a thread: the reactor goes on reading requests and writing the next batch
+    while the disk syncs the last, and one sync then covers every batch
+    written meanwhile.  Without ``run_sync`` the sync runs inline.
     """
 
-    def __init__(self, clock, last_seq=0, size=0, fsync="always", sync_interval=1.0):
+    def __init__(self, clock, last_seq=0, size=0, fsync="always", sync_interval=1.0,
+                 run_sync=None):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         self._clock = clock
@@ -84,6 +110,11 @@ class _BatchingJournal:
         self._dirty = False
         self._sync_call = None
         self._closed = False
+        self._closing = False
+        self._run_sync = run_sync
+        self._syncing = False
+        self._unsynced = []
+        self._unsynced_from = None
         self._pid = os.getpid()
         if fsync == "interval":
             self._sync_call = clock.callLater(sync_interval, self._periodic_sync, sync_interval)
@@ -136,6 +167,10 @@ class _BatchingJournal:
         self._acks = []
         first_seq = self.last_seq - count + 1
         start = self.size
+        if self.broken is not None:
+            self.last_seq = first_seq - 1
+            _fail(acks, self.broken)
+            return
         try:
             self._append(data)
         except OSError as e:
@@ -147,22 +182,69 @@ class _BatchingJournal:
             _fail(acks, reason)
             return
         self.size = start + len(data)
-        if self._fsync == "always":
+        if self._fsync != "always":
+            self._dirty = True
+            _succeed(acks)
+            return
+        if not self._unsynced:
+            self._unsynced_from = (start, first_seq)
+        self._unsynced.extend(acks)
+        if not self._syncing:
+            self._start_sync()
+
+    def _start_sync(self):
+        """
+        Sync everything written so far; acknowledge it once that is done.
+        Writes that come while a sync runs wait for the next one.
+        """
+        acks, self._unsynced = self._unsynced, []
+        start, first_seq = self._unsynced_from
+        if self._run_sync is None:
             try:
                 self._sync()
             except OSError as e:
-                reason = f"fsync failed: {_describe(e)}"
-                self._undo(start, first_seq, reason)
-                self.broken = reason
-                _log.critical(
-                    "journal: {reason}; no more records are taken until restart", reason=reason
-                )
-                _fail(acks, reason)
+                self._sync_failed(e, acks, start, first_seq)
                 return
+            _succeed(acks)
+            return
+        self._syncing = True
+        d = self._run_sync(self._sync)
+        d.addCallbacks(
+            self._synced, self._thread_sync_failed, (acks,), None, (acks, start, first_seq)
+        )
+
+    def _synced(self, _result, acks):
+        self._syncing = False
+        _succeed(acks)
+        if self._unsynced:
+            self._start_sync()
+        elif self._closing:
+            self.close()
+
+    def _thread_sync_failed(self, failure, acks, start, first_seq):
+        self._syncing = False
+        if not isinstance(failure.value, OSError):
+            _log.failure("journal: sync failed unexpectedly", failure)
+            error = OSError(0, repr(failure.value))
         else:
-            self._dirty = True
-        for seq, ack in acks:
-            ack(seq, None)
+            error = failure.value
+        self._sync_failed(error, acks, start, first_seq)
+        if self._closing:
+            self.close()
+
+    def _sync_failed(self, error, acks, start, first_seq):
+        """
+        An fsync failed: what it covered cannot be trusted to be on disk.
+        Cut it off (best effort), refuse it, and refuse everything after.
+        """
+        acks = acks + self._unsynced
+        self._unsynced = []
+        reason = f"fsync failed: {_describe(error)}"
+        self._undo(start, first_seq, reason)
+        self.size = start
+        self.broken = reason
+        _log.critical("journal: {reason}; no more records are taken until restart", reason=reason)
+        _fail(acks, reason)
 
     def _undo(self, start, first_seq, reason):
         """
@@ -199,6 +281,9 @@ class _BatchingJournal:
         if self._closed:
             return
         self.flush()
+        if self._syncing:
+            self._closing = True
+            return
         self.sync()
         if self._sync_call is not None and self._sync_call.active():
             self._sync_call.cancel()
@@ -213,6 +298,11 @@ class _BatchingJournal:
 def _fail(acks, reason):
     for _seq, ack in acks:
         ack(None, reason)
+
+
+def _succeed(acks):
+    for seq, ack in acks:
+        ack(seq, None)
 
 
 def _describe(error):
@@ -234,20 +324,22 @@ class FileJournal(_BatchingJournal):
     _os_fdatasync = staticmethod(os.fdatasync)
     _os_ftruncate = staticmethod(os.ftruncate)
 
-    def __init__(self, path, fd, recovery, clock, fsync="always", sync_interval=1.0):
+    def __init__(self, path, fd, recovery, clock, fsync="always", sync_interval=1.0,
+                 run_sync=None):
         super().__init__(
             clock,
             last_seq=recovery.last_seq,
             size=recovery.size,
             fsync=fsync,
             sync_interval=sync_interval,
+            run_sync=run_sync,
         )
         self.path = path
         self.recovery = recovery
         self._fd = fd
 
     @classmethod
-    def open(cls, path, clock, fsync="always", sync_interval=1.0):
+    def open(cls, path, clock, fsync="always", sync_interval=1.0, run_sync=None):
         """
         Recover the journal at ``path`` (creating it, durably, if it does not
         exist) and open it for appending.
@@ -264,7 +356,8 @@ class FileJournal(_BatchingJournal):
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, recovery, clock, fsync=fsync, sync_interval=sync_interval)
+        return cls(path, fd, recovery, clock, fsync=fsync, sync_interval=sync_interval,
+                   run_sync=run_sync)
 
     def _append(self, data):
         view = memoryview(data)

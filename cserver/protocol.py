@@ -42,8 +42,10 @@ class _Reply:
             self.line = b"ERR unavailable %s\r\n" % (reason.encode("utf-8"),)
         protocol.factory.message_done(protocol, reason is None)
         protocol.inflight -= 1
-        protocol._send_ready()
-        protocol._update_flow()
+        if protocol._queue[0] is self:
+            protocol._send_ready()
+        if protocol.paused:
+            protocol._update_flow()
 
 
 @implementer(IPushProducer)
@@ -121,6 +123,20 @@ class CServerProtocol(LineReceiver):
         if self._busyReceiving:
             self._buffer += data
             return
+        if (
+            data
+            and not self._buffer
+            and data.find(b"\n") == len(data) - 1
+            and len(data) <= self.MAX_LENGTH
+            and not self.paused
+        ):
+            # One whole line, the common case of a client awaiting each reply.
+            self._busyReceiving = True
+            try:
+                self.lineReceived(data[:-1])
+            finally:
+                self._busyReceiving = False
+            return
         self._busyReceiving = True
         try:
             buffer, self._buffer = self._buffer + data, b""
@@ -155,6 +171,21 @@ class CServerProtocol(LineReceiver):
             line = line[:-1]
         if not line:
             return
+        if line[:4] == b"MSG " and self.user is not None and len(line) > 4:
+            # The hot path: an authenticated MSG, as do_msg would take it.
+            try:
+                text = line[4:].decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                reply = _Reply(self)
+                self._queue.append(reply)
+                self.inflight += 1
+                factory = self.factory
+                factory.submit_message(self, text, reply)
+                if self.inflight >= factory.max_pending:
+                    self._update_flow()
+                return
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -184,7 +215,8 @@ class CServerProtocol(LineReceiver):
         self._queue.append(reply)
         self.inflight += 1
         self.factory.submit_message(self, text, reply)
-        self._update_flow()
+        if self.inflight >= self.factory.max_pending:
+            self._update_flow()
 
     def do_auth(self, arg):
         if self.user is not None:

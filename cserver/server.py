@@ -9,11 +9,13 @@ through a :class:`twisted.logger.Logger` whose observer is the journal.
 import attrs
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from cserver import __version__
-from cserver.journal import ACK, EVENT, FIELDS
+from cserver.journal import ACK, EVENT, FIELDS, JournalLogger
 from cserver.protocol import CServerProtocol
+
+_MESSAGE_FORMAT = "server recvd message {text!r} from user {user}"
 
 
 @attrs.frozen
@@ -57,13 +59,14 @@ class CServerFactory(ServerFactory):
 
     def __init__(self, journal, portal, clock, limits=Limits()):
         self.journal = journal
-        self.journal_log = Logger(namespace="cserver.journal", observer=journal)
+        self.journal_log = JournalLogger(namespace="cserver.journal", observer=journal)
         self.portal = portal
         self.clock = clock
         self.limits = limits
         self.max_line = limits.max_line
         self.max_pending = limits.max_pending
         self.auth_timeout = limits.auth_timeout
+        self.work_delay = limits.work_delay
         recovery = journal.recovery
         self.total = recovery.messages
         self.users = dict(recovery.users)
@@ -188,16 +191,27 @@ class CServerFactory(ServerFactory):
         if self.stopping:
             ack(None, "server stopping")
             return
-        delay = self.limits.work_delay
-        if delay:
-            self.clock.callLater(delay, self._journal_message, protocol.user, text,
+        if self.work_delay:
+            self.clock.callLater(self.work_delay, self.journal_message, protocol.user, text,
                                  protocol.peer, ack)
-        else:
-            self._journal_message(protocol.user, text, protocol.peer, ack)
+            return
+        self.journal_log.emit(
+            LogLevel.info,
+            _MESSAGE_FORMAT,
+            cserver_event="message",
+            cserver_ack=ack,
+            user=protocol.user,
+            text=text,
+            peer=protocol.peer,
+        )
 
-    def _journal_message(self, user, text, peer, ack):
-        self.journal_log.info(
-            "server recvd message {text!r} from user {user}",
+    def journal_message(self, user, text, peer, ack):
+        """
+        Hand a message record to the journal.
+        """
+        self.journal_log.emit(
+            LogLevel.info,
+            _MESSAGE_FORMAT,
             cserver_event="message",
             cserver_ack=ack,
             user=user,

@@ -107,6 +107,7 @@ def makeService(config):
     """
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
+    from twisted.internet.threads import deferToThreadPool
     from twisted.logger import Logger
 
     from cserver.auth import allow_list_portal, password_portal
@@ -132,7 +133,12 @@ def makeService(config):
             wanted=limits.max_connections,
         )
     try:
-        journal = FileJournal.open(config["journal"], reactor, fsync=config["fsync"])
+        journal = FileJournal.open(
+            config["journal"],
+            reactor,
+            fsync=config["fsync"],
+            run_sync=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+        )
     except JournalDamaged as e:
         raise SystemExit(f"cserver: {e}") from None
     except OSError as e:

@@ -1,0 +1,72 @@
+"""Tests for cserver.auth: allow-list and password checkers through a Portal."""
+
+import pytest
+from twisted.cred import strcred
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+
+from cserver.auth import (
+    IUser,
+    Username,
+    allow_list_portal,
+    credentials_for,
+    password_portal,
+)
+
+
+def login(portal, credentials):
+    """The user name a login gives, or the failure it raises (synchronous checkers)."""
+    results = []
+    portal.login(credentials, None, IUser).addBoth(results.append)
+    [result] = results
+    if isinstance(result, tuple):
+        return result[1].name
+    return result
+
+
+def test_allow_list_accepts_listed_names():
+    """The default portal accepts exactly the names on its list."""
+    portal = allow_list_portal(["alice", "bob"])
+    assert login(portal, Username("alice")) == "alice"
+    assert login(portal, Username("carol")).check(UnauthorizedLogin)
+
+
+def test_allow_list_credentials_ignore_password():
+    """Against an allow-list, AUTH's optional password is not needed."""
+    portal = allow_list_portal(["alice"])
+    assert credentials_for(portal, "alice", None) == Username("alice")
+    assert credentials_for(portal, "alice", "anything") == Username("alice")
+
+
+def test_password_portal_needs_password():
+    """Against password checkers, no password means no credentials."""
+    portal = password_portal([strcred.makeChecker("memory:alice:pw")])
+    assert credentials_for(portal, "alice", None) is None
+    assert isinstance(credentials_for(portal, "alice", "pw"), UsernamePassword)
+
+
+def test_memory_checker_stores_text():
+    """memory: (str usernames and passwords) checks the right password, refuses the wrong one."""
+    portal = password_portal([strcred.makeChecker("memory:alice:pw:bob:x")])
+    assert login(portal, UsernamePassword("alice", "pw")) == "alice"
+    assert login(portal, UsernamePassword("bob", "x")) == "bob"
+    assert login(portal, UsernamePassword("alice", "x")).check(UnauthorizedLogin)
+
+
+def test_file_checker_stores_bytes(tmp_path):
+    """file: (bytes from the file) works with the str credentials the protocol makes."""
+    path = tmp_path / "passwd"
+    path.write_text("alice:pw\ncarol:sécret\n", encoding="utf-8")
+    portal = password_portal([strcred.makeChecker(f"file:{path}")])
+    assert login(portal, UsernamePassword("alice", "pw")) == "alice"
+    assert login(portal, UsernamePassword("carol", "sécret")) == "carol"
+    assert login(portal, UsernamePassword("alice", "nope")).check(UnauthorizedLogin)
+    assert login(portal, UsernamePassword("mallory", "pw")).check(UnauthorizedLogin)
+
+
+@pytest.mark.parametrize("name", ["alice", "bob"])
+def test_avatar_name_is_text(name):
+    """The avatar's name is always str, whatever the checker returned."""
+    portal = password_portal([strcred.makeChecker("memory:alice:pw:bob:pw")])
+    result = login(portal, UsernamePassword(name, "pw"))
+    assert isinstance(result, str) and result == name
