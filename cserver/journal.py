@@ -128,9 +128,27 @@ class _BatchingJournal:
         ack = event.get(ACK)
         if self.broken is not None or self._closed:
             if ack is not None:
-                ack(None, self.broken or "journal closed")
+                _call(ack, None, self.broken or "journal closed")
             return
-        self.last_seq = seq = self.last_seq + 1
+        seq = self.last_seq + 1
+        try:
+            line = self._format(seq, kind, event)
+        except Exception:
+            _log.failure("journal: cannot make a {kind} record", kind=kind)
+            if ack is not None:
+                _call(ack, None, "record cannot be encoded")
+            return
+        self.last_seq = seq
+        self._lines.append(line)
+        if ack is not None:
+            self._acks.append((seq, ack))
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush_turn)
+
+    def _format(self, seq, kind, event):
+        """
+        One record as a UTF-8 JSON line.
+        """
         head = f'{{"seq":{seq},"time":{event["log_time"]!r},"event":"{kind}","pid":{self._pid}'
         if kind == "message":
             line = (
@@ -144,11 +162,7 @@ class _BatchingJournal:
                 line = f"{head},{body[1:]}\n"
             else:
                 line = head + "}\n"
-        self._lines.append(line)
-        if ack is not None:
-            self._acks.append((seq, ack))
-        if self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self._flush_turn)
+        return line.encode("utf-8")
 
     def _flush_turn(self):
         self._flush_call = None
@@ -160,16 +174,16 @@ class _BatchingJournal:
             self._flush_call = None
         if not self._lines:
             return
-        data = "".join(self._lines).encode("utf-8")
+        data = b"".join(self._lines)
         acks = self._acks
         count = len(self._lines)
         self._lines = []
         self._acks = []
         first_seq = self.last_seq - count + 1
         start = self.size
-        if self.broken is not None:
+        if self.broken is not None or self._closed:
             self.last_seq = first_seq - 1
-            _fail(acks, self.broken)
+            _fail(acks, self.broken or "journal closed")
             return
         try:
             self._append(data)
@@ -219,7 +233,7 @@ class _BatchingJournal:
         if self._unsynced:
             self._start_sync()
         elif self._closing:
-            self.close()
+            self._finish_close()
 
     def _thread_sync_failed(self, failure, acks, start, first_seq):
         self._syncing = False
@@ -230,7 +244,7 @@ class _BatchingJournal:
             error = failure.value
         self._sync_failed(error, acks, start, first_seq)
         if self._closing:
-            self.close()
+            self._finish_close()
 
     def _sync_failed(self, error, acks, start, first_seq):
         """
@@ -242,7 +256,7 @@ class _BatchingJournal:
         reason = f"fsync failed: {_describe(error)}"
         self._undo(start, first_seq, reason)
         self.size = start
-        self.broken = reason
+        self.broken = self.broken or reason
         _log.critical("journal: {reason}; no more records are taken until restart", reason=reason)
         _fail(acks, reason)
 
@@ -280,29 +294,45 @@ class _BatchingJournal:
     def close(self):
         if self._closed:
             return
-        self.flush()
+        while self._lines:
+            # An ack may emit the next record (a pipelined MSG): take it too.
+            self.flush()
+        self._closed = True
         if self._syncing:
             self._closing = True
             return
+        self._finish_close()
+
+    def _finish_close(self):
+        self._closing = False
         self.sync()
         if self._sync_call is not None and self._sync_call.active():
             self._sync_call.cancel()
         self._sync_call = None
-        self._closed = True
         self._release()
 
     def _release(self):
         pass
 
 
+def _call(ack, seq, reason):
+    """
+    Acknowledge one record; a failing ack is logged and spares the others.
+    """
+    try:
+        ack(seq, reason)
+    except Exception:
+        _log.failure("journal: acknowledging seq {seq} failed", seq=seq)
+
+
 def _fail(acks, reason):
     for _seq, ack in acks:
-        ack(None, reason)
+        _call(ack, None, reason)
 
 
 def _succeed(acks):
     for seq, ack in acks:
-        ack(seq, None)
+        _call(ack, seq, None)
 
 
 def _describe(error):
@@ -347,6 +377,8 @@ class FileJournal(_BatchingJournal):
         @raise cserver.recovery.JournalDamaged: a record before the end of
             the file is damaged; the file is left as it was.
         """
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         recovery = recover(path)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:

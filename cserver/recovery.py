@@ -34,7 +34,7 @@ _RECORD = (
     _HEAD + rb',"event":"[a-z_]++","pid":[0-9]++(?:,' + _STR + rb":" + _VALUE + rb")*+\}\n"
 )
 _RECORDS = re.compile(rb"(?:" + _MESSAGE + rb"|" + _RECORD + rb")*+")
-_RECORD_AT_LINE_START = re.compile(rb"(?:^|(?<=\n))" + _RECORD)
+_ANY_RECORD = re.compile(_RECORD)
 # On validated records only: '{"seq":' and the message head cannot occur
 # inside a string, whose quotes are escaped.
 _SEQS = re.compile(rb'\{"seq":([0-9]++),')
@@ -129,12 +129,15 @@ def _scan(path, f, chunk_size):
         offset += end
         if end < len(block):
             tail = block[end:] + carry + f.read()
-            if _RECORD_AT_LINE_START.search(tail):
+            if _ANY_RECORD.search(tail):
                 _damaged_line(path, offset, tail)
             break
         if not chunk:
             break
-    result.users = {loads(name): count for name, count in users.items()}
+    for name, count in users.items():
+        # One name may be escaped in more than one way ("\u00e9" and "é").
+        name = loads(name)
+        result.users[name] = result.users.get(name, 0) + count
     return result, offset, tail
 
 
@@ -192,13 +195,13 @@ def _cut_tail(path, offset, tail):
         os.fsync(fd)
     finally:
         os.close(fd)
+    fsync_directory(side)
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, offset)
         os.fsync(fd)
     finally:
         os.close(fd)
-    fsync_directory(path)
     return side
 
 

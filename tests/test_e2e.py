@@ -28,7 +28,7 @@ def server(tmp_path):
 
 
 def test_serves_and_stops_cleanly(server):
-    """twistd cserver greets, authenticates, journals and acks; SIGTERM exits 0 after a stop record."""
+    """twistd cserver greets, authenticates, journals, acks; SIGTERM exits 0 after a stop record."""
     process = server()
     client = process.connect()
     assert client.greeting == f"HELLO cserver {__version__}"

@@ -1,0 +1,997 @@
+"""Tests for cserver.journal: record format, seq, group commit, fsync modes,
+write and fsync errors, and the journal as a twisted.logger observer.
+
+The journal runs on a task.Clock: a batch is flushed at ``clock.advance(0)``
+and the interval sync runs at ``clock.advance(1)``.  File journals write real
+files under tmp_path; I/O errors are injected by replacing the instance's
+``_os_write``, ``_os_fdatasync`` and ``_os_ftruncate``.
+"""
+
+import errno
+import json
+import os
+import time
+from contextlib import suppress
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from zope.interface.verify import verifyObject
+
+from cserver.journal import ACK, EVENT, FIELDS, FileJournal, IJournal, MemoryJournal
+from cserver.recovery import Recovery, recover
+
+HEAD = ["seq", "time", "event", "pid"]
+NASTY = [
+    "",
+    'say "hi"',
+    "back\\slash \\n \\u0041 \\",
+    "tab\tnewline\nreturn\rformfeed\fbackspace\b",
+    "nul\x00 and \x01\x1f\x7f",
+    "zoë – ŝ ĉ 中文",
+    "line\u2028separator\u2029paragraph",
+    "emoji 😀🎉 and a ZWJ 👩‍👩‍👧",
+    '{"seq":9,"time":1,"event":"message","pid":1,"user":"x","text":"y","peer":"z"}\n',
+    "x" * 10000,
+]
+
+
+class Acks:
+    """
+    An ack callable that records its calls, and optionally logs them into a
+    shared list of events to check their order against the system calls.
+    """
+
+    def __init__(self, log=None):
+        self.calls = []
+        self.log = log
+
+    def __call__(self, seq, reason):
+        self.calls.append((seq, reason))
+        if self.log is not None:
+            self.log.append(("ack", seq, reason))
+
+    @property
+    def seqs(self):
+        return [seq for seq, _reason in self.calls]
+
+    @property
+    def reasons(self):
+        return [reason for _seq, reason in self.calls]
+
+
+class Syscalls:
+    """
+    Wraps a FileJournal's system calls: logs each one into ``log`` and makes
+    them fail on demand.
+
+    With ``write_error`` set, writes raise it once ``write_budget`` more
+    bytes have been written (0: at once), which gives a partial write.
+    """
+
+    def __init__(self, journal, log=None):
+        self.log = log if log is not None else []
+        self.write_error = None
+        self.write_budget = 0
+        self.sync_error = None
+        self.truncate_error = None
+        self._write = journal._os_write
+        self._fdatasync = journal._os_fdatasync
+        self._ftruncate = journal._os_ftruncate
+        journal._os_write = self.write
+        journal._os_fdatasync = self.fdatasync
+        journal._os_ftruncate = self.ftruncate
+
+    def write(self, fd, data):
+        if self.write_error is not None:
+            if not self.write_budget:
+                self.log.append(("write failed",))
+                raise self.write_error
+            data = data[: self.write_budget]
+        written = self._write(fd, data)
+        if self.write_error is not None:
+            self.write_budget -= written
+        self.log.append(("write", written))
+        return written
+
+    def fdatasync(self, fd):
+        if self.sync_error is not None:
+            self.log.append(("fdatasync failed",))
+            raise self.sync_error
+        self._fdatasync(fd)
+        self.log.append(("fdatasync",))
+
+    def ftruncate(self, fd, size):
+        if self.truncate_error is not None:
+            self.log.append(("ftruncate failed", size))
+            raise self.truncate_error
+        self._ftruncate(fd, size)
+        self.log.append(("ftruncate", size))
+
+    def count(self, name):
+        return sum(1 for entry in self.log if entry[0] == name)
+
+
+class ManualThread:
+    """
+    A ``run_sync`` whose thread is the test: each sync waits in ``pending``
+    until :meth:`finish` runs it and fires its Deferred.
+    """
+
+    def __init__(self):
+        self.pending = []
+
+    def __call__(self, function):
+        d = Deferred()
+        self.pending.append((function, d))
+        return d
+
+    def finish(self):
+        function, d = self.pending.pop(0)
+        try:
+            result = function()
+        except BaseException as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+
+def message(journal, ack=None, user="alice", text="hello", peer="tcp:127.0.0.1:40000",
+            log_time=1700000000.25):
+    """
+    Emit one message event into ``journal`` the way a Logger would.
+    """
+    event = {EVENT: "message", "log_time": log_time, "user": user, "text": text, "peer": peer}
+    if ack is not None:
+        event[ACK] = ack
+    journal(event)
+
+
+def read_records(path):
+    """
+    The records of the journal file at ``path``, parsed; checks that the file
+    is whole newline-terminated lines.
+    """
+    data = open(path, "rb").read()
+    assert data == b"" or data.endswith(b"\n")
+    return [json.loads(line) for line in data.split(b"\n")[:-1]]
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "journal.jsonl")
+
+
+@pytest.fixture
+def open_journal(path, clock):
+    """
+    Open FileJournals (at ``path`` by default) and close them after the test.
+    """
+    opened = []
+
+    def open_(fsync="always", at=None, **kwargs):
+        journal = FileJournal.open(at or path, clock, fsync=fsync, **kwargs)
+        opened.append(journal)
+        return journal
+
+    yield open_
+    for journal in opened:
+        journal.close()
+
+
+# -- record format ----------------------------------------------------------
+
+
+def test_message_record_has_head_then_user_text_peer(open_journal, clock, path):
+    """A message record's keys are seq, time, event, pid, user, text, peer, in that order."""
+    journal = open_journal()
+    message(journal, user="alice", text="hi there", peer="tcp:10.0.0.1:5555", log_time=12.5)
+    clock.advance(0)
+    [record] = read_records(path)
+    assert list(record) == [*HEAD, "user", "text", "peer"]
+    assert record == {
+        "seq": 1,
+        "time": 12.5,
+        "event": "message",
+        "pid": os.getpid(),
+        "user": "alice",
+        "text": "hi there",
+        "peer": "tcp:10.0.0.1:5555",
+    }
+
+
+def test_record_is_one_compact_utf8_line(open_journal, clock, path):
+    """A record is one compact JSON line, non-ASCII written as UTF-8 (greppable), LF-ended."""
+    journal = open_journal()
+    message(journal, user="zoë", text="café 😀", peer="p", log_time=1.5)
+    clock.advance(0)
+    data = open(path, "rb").read()
+    assert data.count(b"\n") == 1 and data.endswith(b"\n")
+    assert "zoë".encode() in data and "café 😀".encode() in data
+    assert b": " not in data and b", " not in data
+
+
+def test_time_is_the_events_log_time_exactly(open_journal, clock, path):
+    """The record's time is the event's log_time, as a float that round-trips exactly."""
+    journal = open_journal()
+    stamp = 1712345678.123456789
+    message(journal, log_time=stamp)
+    clock.advance(0)
+    assert read_records(path)[0]["time"] == stamp
+
+
+@pytest.mark.parametrize(
+    "kind, fields",
+    [
+        (
+            "start",
+            {"version": "1.0", "records": 7, "last_seq": 7, "messages": 5, "torn_bytes": 0,
+             "torn_file": None},
+        ),
+        ("stop", {"served": 3, "total": 10}),
+        ("auth_failed", {"user": 'mal"lory\\ 😈', "peer": "tcp:127.0.0.1:1"}),
+    ],
+)
+def test_other_records_carry_their_fields_after_the_head(open_journal, clock, path, kind,
+                                                          fields):
+    """start, stop and auth_failed records are the head followed by their cserver_fields."""
+    journal = open_journal()
+    journal({EVENT: kind, FIELDS: fields, "log_time": 3.25})
+    clock.advance(0)
+    [record] = read_records(path)
+    assert list(record) == HEAD + list(fields)
+    assert record == {"seq": 1, "time": 3.25, "event": kind, "pid": os.getpid(), **fields}
+
+
+def test_record_without_fields_is_only_the_head(open_journal, clock, path):
+    """A non-message event without cserver_fields is written as the head alone."""
+    journal = open_journal()
+    journal({EVENT: "stop", "log_time": 2.0})
+    clock.advance(0)
+    assert read_records(path) == [{"seq": 1, "time": 2.0, "event": "stop", "pid": os.getpid()}]
+
+
+@pytest.mark.parametrize("text", NASTY)
+def test_any_text_round_trips_through_the_file(open_journal, clock, path, text):
+    """Any text, user and peer read back from the file equal to what was emitted, and recover."""
+    journal = open_journal()
+    message(journal, user=text or "u", text=text, peer=text)
+    clock.advance(0)
+    [record] = read_records(path)
+    assert (record["user"], record["text"], record["peer"]) == (text or "u", text, text)
+    journal.close()
+    result = recover(path)
+    assert (result.last_seq, result.messages, result.users) == (1, 1, {text or "u": 1})
+
+
+@given(
+    user=st.text(st.characters(codec="utf-8")),
+    text=st.text(st.characters(codec="utf-8")),
+    peer=st.text(st.characters(codec="utf-8")),
+)
+@example(user='"', text="\\", peer="\x00")
+@example(user="\u2028", text="\n\r\t\b\f\x1f\x7f", peer="😀")
+@example(user='","text":"forged', text='"}\n{"seq":2', peer="\\u0000")
+def test_records_read_back_equal_what_was_emitted(user, text, peer):
+    """For any strings, the written line is one line and json.loads gives back the record."""
+    clock = Clock()
+    journal = MemoryJournal(clock)
+    message(journal, user=user, text=text, peer=peer, log_time=5.5)
+    clock.advance(0)
+    assert journal.data.count(b"\n") == 1
+    record = json.loads(journal.data)
+    assert record == {"seq": 1, "time": 5.5, "event": "message", "pid": os.getpid(),
+                      "user": user, "text": text, "peer": peer}
+
+
+def test_events_without_cserver_event_are_ignored(open_journal, clock, path):
+    """Plain log events, even with an ack or fields, are not journaled and take no seq."""
+    journal = open_journal()
+    calls = Syscalls(journal)
+    acks = Acks()
+    journal({"log_time": 1.0, "log_format": "hello", "user": "x", "text": "y", "peer": "z"})
+    journal({"log_time": 1.0, ACK: acks, FIELDS: {"a": 1}})
+    Logger(observer=journal).info("unrelated {thing}", thing=1)
+    clock.advance(0)
+    assert calls.log == [] and acks.calls == []
+    assert journal.last_seq == 0
+    assert open(path, "rb").read() == b""
+
+
+# -- seq ---------------------------------------------------------------------
+
+
+def test_seqs_are_contiguous_from_one(open_journal, clock, path):
+    """Records are numbered 1, 2, 3, ... in the order they are taken, across batches."""
+    journal = open_journal()
+    acks = Acks()
+    for _ in range(3):
+        message(journal, acks)
+    clock.advance(0)
+    message(journal, acks)
+    journal({EVENT: "stop", "log_time": 1.0, ACK: acks})
+    clock.advance(0)
+    assert acks.calls == [(1, None), (2, None), (3, None), (4, None), (5, None)]
+    assert [r["seq"] for r in read_records(path)] == [1, 2, 3, 4, 5]
+    assert journal.last_seq == 5
+
+
+def test_seq_continues_from_the_recovered_journal(open_journal, clock, path):
+    """Reopened, the journal numbers its next record right after the last one in the file."""
+    first = open_journal()
+    for text in ("a", "b", "c"):
+        message(first, text=text)
+    first.close()
+    second = open_journal()
+    assert second.recovery.last_seq == 3 and second.last_seq == 3
+    acks = Acks()
+    message(second, acks, text="d")
+    clock.advance(0)
+    assert acks.calls == [(4, None)]
+    assert [(r["seq"], r["text"]) for r in read_records(path)] == [
+        (1, "a"), (2, "b"), (3, "c"), (4, "d")]
+
+
+def test_memory_journal_continues_from_a_recovery(clock):
+    """A MemoryJournal given a Recovery numbers from its last_seq."""
+    journal = MemoryJournal(clock, recovery=Recovery(last_seq=41, records=41))
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.calls == [(42, None)]
+    assert [r["seq"] for r in journal.records()] == [42]
+
+
+def test_journal_opened_over_a_torn_tail_appends_after_the_last_record(open_journal, clock,
+                                                                       path):
+    """A torn tail is cut at open; the next record follows the last valid one directly."""
+    first = open_journal()
+    message(first, text="kept")
+    first.close()
+    with open(path, "ab") as f:
+        f.write(b'{"seq":2,"time":1.0,"eve')
+    journal = open_journal()
+    assert journal.recovery.torn_bytes == 24
+    message(journal, text="next")
+    journal.close()
+    assert [(r["seq"], r["text"]) for r in read_records(path)] == [(1, "kept"), (2, "next")]
+    assert recover(path).torn_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {EVENT: "message", "log_time": 1.0, "user": "alice", "text": "no peer"},
+        {EVENT: "message", "log_time": 1.0, "user": None, "text": "x", "peer": "p"},
+        {EVENT: "message", "user": "alice", "text": "no time", "peer": "p"},
+    ],
+    ids=["missing-peer", "user-none", "missing-log_time"],
+)
+def test_an_event_that_cannot_be_formatted_takes_no_seq(open_journal, clock, path, bad):
+    """A malformed event is refused without consuming a seq: the file stays contiguous."""
+    journal = open_journal()
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    with suppress(KeyError, TypeError):
+        journal(dict(bad))
+    message(journal, acks)
+    clock.advance(0)
+    journal.close()
+    assert [r["seq"] for r in read_records(path)] == [1, 2]
+    assert acks.calls == [(1, None), (2, None)]
+    assert recover(path).last_seq == 2
+
+
+def test_a_record_that_cannot_be_encoded_does_not_stall_the_journal(clock):
+    """A str that is not encodable as UTF-8 fails alone; records after it are still acked."""
+    journal = MemoryJournal(clock)
+    acks = Acks()
+    with suppress(UnicodeError):
+        message(journal, acks, text="lone \ud800 surrogate")
+    message(journal, acks, text="fine")
+    for _ in range(2):
+        with suppress(UnicodeError):
+            clock.advance(0)
+    assert [seq for seq, reason in acks.calls if reason is None] == [1]
+    assert [r["text"] for r in journal.records()] == ["fine"]
+
+
+# -- group commit and fsync modes ---------------------------------------------
+
+
+def test_one_turn_is_one_write_and_one_fdatasync(open_journal, clock, path):
+    """N events in one reactor turn go out in one write(2) and one fdatasync(2)."""
+    journal = open_journal()
+    calls = Syscalls(journal)
+    acks = Acks()
+    for i in range(100):
+        message(journal, acks, text=f"m{i}")
+    assert calls.log == [] and acks.calls == []
+    clock.advance(0)
+    size = os.path.getsize(path)
+    assert calls.log == [("write", size), ("fdatasync",)]
+    assert acks.calls == [(seq, None) for seq in range(1, 101)]
+
+
+def test_acks_come_only_after_the_fdatasync(open_journal, clock):
+    """With fsync=always no ack is called before the batch's fdatasync has returned."""
+    journal = open_journal()
+    log = []
+    Syscalls(journal, log)
+    acks = Acks(log)
+    for _ in range(3):
+        message(journal, acks)
+    clock.advance(0)
+    assert [entry[0] for entry in log] == ["write", "fdatasync", "ack", "ack", "ack"]
+    assert acks.calls == [(1, None), (2, None), (3, None)]
+
+
+def test_each_turn_is_its_own_batch(open_journal, clock):
+    """Events of two turns make two batches: two writes, two fdatasyncs."""
+    journal = open_journal()
+    calls = Syscalls(journal)
+    acks = Acks()
+    message(journal, acks)
+    message(journal, acks)
+    clock.advance(0)
+    message(journal, acks)
+    clock.advance(0)
+    assert (calls.count("write"), calls.count("fdatasync")) == (2, 2)
+    assert acks.seqs == [1, 2, 3]
+
+
+def test_flush_writes_and_acks_now(open_journal, clock, path):
+    """flush() writes, syncs and acks the taken records without waiting for the turn's end."""
+    journal = open_journal()
+    calls = Syscalls(journal)
+    acks = Acks()
+    message(journal, acks)
+    journal.flush()
+    assert acks.calls == [(1, None)]
+    assert [entry[0] for entry in calls.log] == ["write", "fdatasync"]
+    assert clock.getDelayedCalls() == []
+    clock.advance(0)
+    assert calls.count("write") == 1
+
+
+def test_an_empty_turn_does_nothing(open_journal, clock):
+    """With nothing taken, flush and the end of a turn neither write nor sync."""
+    journal = open_journal()
+    calls = Syscalls(journal)
+    journal.flush()
+    clock.advance(0)
+    assert calls.log == []
+
+
+def test_short_writes_are_completed(open_journal, clock, path):
+    """A write(2) that takes fewer bytes than asked is continued until the batch is out."""
+    journal = open_journal()
+    real_write = journal._os_write
+    journal._os_write = lambda fd, data: real_write(fd, data[:7])
+    acks = Acks()
+    for text in ("one", "two", "three"):
+        message(journal, acks, text=text)
+    clock.advance(0)
+    assert acks.seqs == [1, 2, 3]
+    assert [r["text"] for r in read_records(path)] == ["one", "two", "three"]
+
+
+def test_interval_acks_after_the_write_and_syncs_once_a_second(open_journal, clock):
+    """fsync=interval acks once written, then fdatasyncs once per second."""
+    journal = open_journal("interval")
+    log = []
+    calls = Syscalls(journal, log)
+    acks = Acks(log)
+    message(journal, acks)
+    message(journal, acks)
+    clock.advance(0)
+    assert [entry[0] for entry in log] == ["write", "ack", "ack"]
+    message(journal, acks)
+    clock.advance(0.5)
+    assert calls.count("fdatasync") == 0
+    clock.advance(0.5)
+    assert calls.count("fdatasync") == 1
+    assert acks.seqs == [1, 2, 3]
+
+
+def test_interval_syncs_only_when_something_was_written(open_journal, clock):
+    """fsync=interval skips the periodic fdatasync when nothing was written since the last."""
+    journal = open_journal("interval")
+    calls = Syscalls(journal)
+    clock.advance(1)
+    clock.advance(1)
+    assert calls.count("fdatasync") == 0
+    message(journal)
+    clock.advance(0)
+    clock.advance(1)
+    clock.advance(1)
+    clock.advance(1)
+    assert calls.count("fdatasync") == 1
+    message(journal)
+    clock.advance(0)
+    clock.advance(1)
+    assert calls.count("fdatasync") == 2
+
+
+def test_never_never_syncs(open_journal, clock):
+    """fsync=never acks after the write and never fdatasyncs while running."""
+    journal = open_journal("never")
+    calls = Syscalls(journal)
+    acks = Acks()
+    for _ in range(5):
+        message(journal, acks)
+        clock.advance(0)
+    for _ in range(10):
+        clock.advance(1)
+    assert acks.seqs == [1, 2, 3, 4, 5]
+    assert (calls.count("write"), calls.count("fdatasync")) == (5, 0)
+    assert clock.getDelayedCalls() == []
+
+
+def test_invalid_fsync_mode_is_a_value_error(clock, path):
+    """An fsync mode other than always, interval and never raises ValueError."""
+    with pytest.raises(ValueError, match="always, interval, never"):
+        MemoryJournal(clock, fsync="sometimes")
+    with pytest.raises(ValueError, match="'sometimes'"):
+        FileJournal.open(path, clock, fsync="sometimes")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_invalid_fsync_mode_leaves_no_file_open(clock, path):
+    """FileJournal.open with an invalid fsync mode leaks no file descriptor."""
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError):
+        FileJournal.open(path, clock, fsync="sometimes")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+# -- write errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EFBIG])
+@pytest.mark.parametrize("partial", [False, True], ids=["nothing-written", "half-written"])
+def test_a_failed_write_fails_its_batch_and_leaves_a_valid_file(open_journal, clock, path,
+                                                                 code, partial):
+    """
+    A write error fails every ack of the batch with the reason, cuts any part
+    written back off, keeps the journal running, reuses the batch's seqs, and
+    takes records again once writes work.
+    """
+    journal = open_journal()
+    calls = Syscalls(journal)
+    message(journal, text="before")
+    clock.advance(0)
+    good = open(path, "rb").read()
+
+    calls.write_error = OSError(code, os.strerror(code))
+    failed = Acks()
+    for text in ("x1", "x2", "x3"):
+        message(journal, failed, text=text)
+    if partial:
+        calls.write_budget = 50
+    clock.advance(0)
+    assert failed.seqs == [None, None, None]
+    assert len(set(failed.reasons)) == 1
+    assert failed.reasons[0].startswith("write failed: " + errno.errorcode[code])
+    assert ("ftruncate", len(good)) in calls.log
+    assert open(path, "rb").read() == good
+    assert journal.broken is None and journal.last_seq == 1
+    clean = recover(path)
+    assert (clean.last_seq, clean.torn_bytes, clean.size) == (1, 0, len(good))
+
+    calls.write_error = None
+    later = Acks()
+    message(journal, later, text="after1")
+    message(journal, later, text="after2")
+    clock.advance(0)
+    assert later.calls == [(2, None), (3, None)]
+    assert [(r["seq"], r["text"]) for r in read_records(path)] == [
+        (1, "before"), (2, "after1"), (3, "after2")]
+
+
+def test_a_failed_write_in_interval_mode_fails_its_acks(open_journal, clock, path):
+    """With fsync=interval too, a write error refuses the batch and the journal goes on."""
+    journal = open_journal("interval")
+    calls = Syscalls(journal)
+    calls.write_error = OSError(errno.ENOSPC, "No space left on device")
+    calls.write_budget = 10
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == [None] and "ENOSPC" in acks.reasons[0]
+    assert open(path, "rb").read() == b""
+    calls.write_error = None
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == [None, 1]
+
+
+def test_a_write_error_whose_truncate_fails_breaks_the_journal(open_journal, clock, path):
+    """When the partial batch cannot be cut off, the journal takes nothing more; a restart
+    moves the partial batch to a side file."""
+    journal = open_journal()
+    calls = Syscalls(journal)
+    message(journal, text="kept")
+    clock.advance(0)
+    calls.write_error = OSError(errno.EIO, "Input/output error")
+    calls.write_budget = 30
+    calls.truncate_error = OSError(errno.EIO, "Input/output error")
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == [None]
+    assert "truncate failed" in journal.broken
+    message(journal, acks)
+    assert acks.calls[-1] == (None, journal.broken)
+    journal.close()
+    result = recover(path)
+    assert (result.last_seq, result.torn_bytes) == (1, 30)
+
+
+def test_memory_journal_write_errors(clock):
+    """MemoryJournal.fail_writes refuses the batch, keeps the data and the seq, then recovers."""
+    journal = MemoryJournal(clock)
+    acks = Acks()
+    message(journal, acks, text="a")
+    clock.advance(0)
+    journal.fail_writes = OSError(errno.ENOSPC, "No space left on device")
+    message(journal, acks, text="b")
+    clock.advance(0)
+    journal.fail_writes = None
+    message(journal, acks, text="c")
+    clock.advance(0)
+    assert acks.calls[0] == (1, None) and acks.calls[2] == (2, None)
+    assert acks.calls[1][0] is None and "ENOSPC" in acks.calls[1][1]
+    assert [(r["seq"], r["text"]) for r in journal.records()] == [(1, "a"), (2, "c")]
+    assert journal.broken is None
+
+
+# -- fsync errors ---------------------------------------------------------------
+
+
+def test_a_failed_fdatasync_fails_its_batch_and_breaks_the_journal(open_journal, clock, path):
+    """
+    An fdatasync error fails the batch's acks, is not retried, and every
+    later event is refused with the reason, even once syncs would work.
+    """
+    journal = open_journal()
+    calls = Syscalls(journal)
+    message(journal, text="kept")
+    clock.advance(0)
+    good = open(path, "rb").read()
+    calls.sync_error = OSError(errno.EIO, "Input/output error")
+    failed = Acks()
+    message(journal, failed)
+    message(journal, failed)
+    clock.advance(0)
+    assert failed.seqs == [None, None]
+    assert failed.reasons[0].startswith("fsync failed: EIO")
+    assert journal.broken == failed.reasons[0]
+    assert open(path, "rb").read() == good
+
+    calls.sync_error = None
+    writes = calls.count("write")
+    refused = Acks()
+    message(journal, refused)
+    journal({EVENT: "stop", "log_time": 1.0, ACK: refused})
+    assert refused.calls == [(None, journal.broken)] * 2
+    clock.advance(0)
+    assert calls.count("write") == writes
+    assert calls.count("fdatasync failed") == 1
+    assert recover(path).last_seq == 1
+
+
+def test_a_failed_periodic_sync_breaks_the_journal(open_journal, clock):
+    """With fsync=interval a failed periodic fdatasync makes later events refused."""
+    journal = open_journal("interval")
+    calls = Syscalls(journal)
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    calls.sync_error = OSError(errno.EIO, "Input/output error")
+    clock.advance(1)
+    assert journal.broken.startswith("fsync failed: EIO")
+    message(journal, acks)
+    assert acks.calls == [(1, None), (None, journal.broken)]
+    calls.sync_error = None
+    clock.advance(1)
+    assert calls.count("fdatasync") == 0
+
+
+def test_records_taken_before_a_sync_failure_are_not_acked_after_it(clock, path):
+    """Records still waiting for their write when the journal breaks are refused, not acked."""
+    acks = Acks()
+    clock.callLater(1, lambda: message(journal, acks, text="late"))
+    journal = FileJournal.open(path, clock, fsync="interval")
+    calls = Syscalls(journal)
+    message(journal, acks, text="early")
+    clock.advance(0)
+    calls.sync_error = OSError(errno.EIO, "Input/output error")
+    clock.advance(1)
+    journal.close()
+    assert journal.broken is not None
+    assert acks.calls[0] == (1, None)
+    assert acks.calls[1][0] is None
+
+
+def test_memory_journal_sync_errors(clock):
+    """MemoryJournal.fail_syncs breaks the journal; syncs counts the successful ones."""
+    journal = MemoryJournal(clock)
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    assert journal.syncs == 1
+    journal.fail_syncs = OSError(errno.EIO, "Input/output error")
+    message(journal, acks)
+    clock.advance(0)
+    message(journal, acks)
+    assert acks.seqs == [1, None, None]
+    assert journal.broken and journal.syncs == 1
+    assert [r["seq"] for r in journal.records()] == [1]
+
+
+def test_broken_says_when_the_truncate_after_a_failed_sync_failed_too(open_journal, clock):
+    """When the unsynced batch cannot be cut off either, the broken reason says so."""
+    journal = open_journal()
+    calls = Syscalls(journal)
+    calls.sync_error = OSError(errno.EIO, "Input/output error")
+    calls.truncate_error = OSError(errno.EIO, "Input/output error")
+    message(journal)
+    clock.advance(0)
+    assert journal.broken.startswith("fsync failed: EIO")
+    assert "truncate failed" in journal.broken
+
+
+# -- sync in a thread (run_sync) ------------------------------------------------
+
+
+def test_threaded_sync_acks_when_the_sync_is_done(open_journal, clock):
+    """With run_sync, acks wait for the thread's fdatasync and come after it."""
+    thread = ManualThread()
+    journal = open_journal(run_sync=thread)
+    log = []
+    Syscalls(journal, log)
+    acks = Acks(log)
+    message(journal, acks)
+    message(journal, acks)
+    clock.advance(0)
+    assert [entry[0] for entry in log] == ["write"] and len(thread.pending) == 1
+    thread.finish()
+    assert [entry[0] for entry in log] == ["write", "fdatasync", "ack", "ack"]
+    assert acks.seqs == [1, 2]
+
+
+def test_threaded_sync_covers_every_batch_written_meanwhile(open_journal, clock, path):
+    """Batches written while a sync runs are acked together after one next sync."""
+    thread = ManualThread()
+    journal = open_journal(run_sync=thread)
+    calls = Syscalls(journal)
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    for _ in range(3):
+        message(journal, acks)
+        clock.advance(0)
+    assert calls.count("write") == 4 and len(thread.pending) == 1
+    thread.finish()
+    assert acks.seqs == [1] and len(thread.pending) == 1
+    thread.finish()
+    assert acks.seqs == [1, 2, 3, 4]
+    assert calls.count("fdatasync") == 2 and thread.pending == []
+    assert [r["seq"] for r in read_records(path)] == [1, 2, 3, 4]
+
+
+def test_threaded_sync_failure_fails_everything_unsynced(open_journal, clock, path):
+    """A failed threaded sync refuses its batch and the batches written meanwhile, cuts them
+    off, and breaks the journal."""
+    thread = ManualThread()
+    journal = open_journal(run_sync=thread)
+    calls = Syscalls(journal)
+    acks = Acks()
+    message(journal, acks, text="kept")
+    clock.advance(0)
+    thread.finish()
+    good = open(path, "rb").read()
+    message(journal, acks)
+    clock.advance(0)
+    message(journal, acks)
+    clock.advance(0)
+    calls.sync_error = OSError(errno.EIO, "Input/output error")
+    thread.finish()
+    assert acks.seqs == [1, None, None]
+    assert journal.broken.startswith("fsync failed: EIO")
+    assert thread.pending == []
+    assert open(path, "rb").read() == good
+    message(journal, acks)
+    assert acks.calls[-1] == (None, journal.broken)
+
+
+def test_threaded_sync_unexpected_exception_breaks_the_journal(open_journal, clock):
+    """A non-OSError from the sync thread is treated as a failed fsync."""
+    journal = open_journal(run_sync=lambda function: _failed_deferred(RuntimeError("boom")))
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == [None]
+    assert journal.broken.startswith("fsync failed")
+
+
+def _failed_deferred(error):
+    d = Deferred()
+    d.errback(error)
+    return d
+
+
+def test_close_waits_for_a_running_threaded_sync(open_journal, clock):
+    """close() during a threaded sync finishes once the sync is done, acking its records."""
+    thread = ManualThread()
+    journal = open_journal(run_sync=thread)
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    journal.close()
+    assert acks.calls == []
+    thread.finish()
+    assert acks.calls == [(1, None)]
+    message(journal, acks)
+    assert acks.calls[-1] == (None, "journal closed")
+
+
+# -- close -------------------------------------------------------------------------
+
+
+def test_close_flushes_and_syncs(open_journal, clock, path):
+    """close() writes, fdatasyncs and acks the records still waiting for the turn's end."""
+    journal = open_journal()
+    log = []
+    Syscalls(journal, log)
+    acks = Acks(log)
+    message(journal, acks)
+    message(journal, acks)
+    journal.close()
+    assert [entry[0] for entry in log] == ["write", "fdatasync", "ack", "ack"]
+    assert len(read_records(path)) == 2
+
+
+def test_close_syncs_what_interval_mode_has_not_synced(open_journal, clock):
+    """With fsync=interval, close() fdatasyncs what was written since the last sync."""
+    journal = open_journal("interval")
+    calls = Syscalls(journal)
+    message(journal)
+    clock.advance(0)
+    journal.close()
+    assert calls.count("fdatasync") == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_closed_journal_refuses_events(open_journal, clock):
+    """After close() events are refused with a reason, and a second close is harmless."""
+    journal = open_journal()
+    journal.close()
+    journal.close()
+    acks = Acks()
+    message(journal, acks)
+    assert acks.calls == [(None, "journal closed")]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_record_taken_while_close_acks_is_not_written_after_close(open_journal, clock, path,
+                                                                    tmp_path):
+    """A record emitted from an ack during close() is journaled or refused, never written
+    to a closed file descriptor (possibly another file's by then)."""
+    journal = open_journal()
+    acks = Acks()
+
+    def ack_then_emit(seq, reason):
+        acks(seq, reason)
+        message(journal, acks, text="second")
+
+    message(journal, ack_then_emit, text="first")
+    journal.close()
+    other = tmp_path / "other"
+    fd = os.open(other, os.O_WRONLY | os.O_CREAT)
+    try:
+        clock.advance(0)
+    finally:
+        os.close(fd)
+    assert other.read_bytes() == b""
+    texts = [r["text"] for r in read_records(path)]
+    if acks.calls[1][0] is None:
+        assert texts == ["first"]
+    else:
+        assert (acks.calls[1], texts) == ((2, None), ["first", "second"])
+
+
+def test_an_ack_that_raises_does_not_starve_the_rest_of_its_batch(open_journal, clock):
+    """Every ack of a batch is called even when an earlier one raises."""
+    journal = open_journal()
+    acks = Acks()
+
+    def bad_ack(seq, reason):
+        raise RuntimeError("a broken connection")
+
+    message(journal, acks)
+    message(journal, bad_ack)
+    message(journal, acks)
+    with suppress(RuntimeError):
+        clock.advance(0)
+    assert acks.calls == [(1, None), (3, None)]
+
+
+# -- the file and the observer ----------------------------------------------------------
+
+
+def test_open_creates_a_missing_journal(open_journal, clock, path):
+    """Opening a journal that does not exist creates it empty and it takes records from 1."""
+    assert not os.path.exists(path)
+    journal = open_journal()
+    assert journal.recovery.created
+    assert os.path.getsize(path) == 0
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.calls == [(1, None)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_new_journal_and_its_directory_are_fsynced(monkeypatch, clock, tmp_path):
+    """Creating a journal fsyncs the new file and its directory; reopening it does not."""
+    path = str(tmp_path / "new.jsonl")
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    FileJournal.open(path, clock).close()
+    assert os.path.realpath(path) in synced
+    assert os.path.realpath(tmp_path) in synced
+    synced.clear()
+    FileJournal.open(path, clock).close()
+    assert synced == []
+
+
+def test_file_journal_provides_ijournal(open_journal, clock):
+    """FileJournal and MemoryJournal provide IJournal."""
+    assert verifyObject(IJournal, open_journal())
+    assert verifyObject(IJournal, MemoryJournal(clock))
+
+
+def test_events_logged_through_a_logger_are_journaled(open_journal, clock, path):
+    """A Logger whose observer is the journal journals its cserver events and acks them."""
+    journal = open_journal()
+    log = Logger(namespace="cserver.journal", observer=journal)
+    acks = Acks()
+    before = time.time()
+    log.info(
+        "server recvd message {text!r} from user {user}",
+        cserver_event="message",
+        user="alice",
+        text='say "hi"\n',
+        peer="tcp:127.0.0.1:40000",
+        cserver_ack=acks,
+    )
+    after = time.time()
+    fields = {"user": "mallory", "peer": "tcp:127.0.0.1:40001"}
+    log.info("AUTH failed for user {user} from {peer}", **{EVENT: "auth_failed", FIELDS: fields},
+             **fields)
+    log.info("nothing to journal")
+    clock.advance(0)
+    assert acks.calls == [(1, None)]
+    first, second = read_records(path)
+    assert before <= first["time"] <= after
+    assert (first["user"], first["text"], first["peer"]) == (
+        "alice", 'say "hi"\n', "tcp:127.0.0.1:40000")
+    assert list(second) == [*HEAD, "user", "peer"]
+    assert (second["seq"], second["event"], second["user"]) == (2, "auth_failed", "mallory")
