@@ -126,12 +126,13 @@ def password_portal(checkers):
     return Portal(UserRealm(), [TextOrBytesChecker(c) for c in checkers])
 
 
-def credentials_for(portal, user, password):
+def credentials_for(interfaces, user, password):
     """
-    The credentials that ``AUTH user [password]`` offers ``portal``, or None
-    when it needs a password that was not given.
+    The credentials that ``AUTH user [password]`` offers a portal that takes
+    ``interfaces`` (its ``listCredentialsInterfaces()``), or None when it
+    needs a password that was not given.
     """
-    if IUsername in portal.listCredentialsInterfaces():
+    if IUsername in interfaces:
         return Username(user)
     if password is None:
         return None

@@ -74,7 +74,7 @@ class CServerProtocol(LineReceiver):
     _awaiting_auth = False
     _writes_paused = False
     _auth_failures = 0
-    _auth_timer = None
+    connected_at = 0.0
 
     def __init__(self):
         self._queue = deque()
@@ -93,14 +93,9 @@ class CServerProtocol(LineReceiver):
         self.MAX_LENGTH = factory.max_line
         self.transport.registerProducer(self, True)
         self.transport.write(b"HELLO cserver %s\r\n" % (__version__.encode(),))
-        if factory.auth_timeout:
-            self._auth_timer = factory.clock.callLater(factory.auth_timeout, self.timed_out)
 
     def connectionLost(self, reason):
         self._closing = True
-        if self._auth_timer is not None and self._auth_timer.active():
-            self._auth_timer.cancel()
-        self._auth_timer = None
         if self._counted:
             self._counted = False
             self.factory.connection_lost(self)
@@ -109,7 +104,6 @@ class CServerProtocol(LineReceiver):
         """
         Say ``ERR timeout`` and close: idle, or not authenticated in time.
         """
-        self._auth_timer = None
         if not self._closing:
             self._close_with(b"ERR timeout\r\n")
 
@@ -226,8 +220,9 @@ class CServerProtocol(LineReceiver):
         if not user:
             self._reply(b"ERR syntax AUTH needs a user name\r\n")
             return
-        portal = self.factory.portal
-        credentials = credentials_for(portal, user, password or None)
+        factory = self.factory
+        portal = factory.portal
+        credentials = credentials_for(factory.portal_interfaces, user, password or None)
         if credentials is None:
             self._auth_failed(user, b"ERR auth a password is required\r\n")
             return
@@ -245,9 +240,6 @@ class CServerProtocol(LineReceiver):
         if self._closing:
             return
         self.user = avatar.name
-        if self._auth_timer is not None and self._auth_timer.active():
-            self._auth_timer.cancel()
-        self._auth_timer = None
         reply.line = b"OK %s\r\n" % (avatar.name.encode("utf-8"),)
         self._send_ready()
         self._update_flow()

@@ -61,6 +61,7 @@ class CServerFactory(ServerFactory):
         self.journal = journal
         self.journal_log = JournalLogger(namespace="cserver.journal", observer=journal)
         self.portal = portal
+        self.portal_interfaces = frozenset(portal.listCredentialsInterfaces())
         self.clock = clock
         self.limits = limits
         self.max_line = limits.max_line
@@ -84,9 +85,9 @@ class CServerFactory(ServerFactory):
     # -- lifecycle ----------------------------------------------------------
 
     def startFactory(self):
-        timeout = self.limits.idle_timeout
-        if timeout and self._sweep_call is None:
-            self._schedule_sweep(min(1.0, timeout / 4))
+        timeouts = [t for t in (self.limits.idle_timeout, self.limits.auth_timeout) if t]
+        if timeouts and self._sweep_call is None:
+            self._schedule_sweep(min(1.0, min(timeouts) / 4))
 
     def stopFactory(self):
         if self._sweep_call is not None and self._sweep_call.active():
@@ -98,18 +99,25 @@ class CServerFactory(ServerFactory):
 
     def _sweep(self, interval):
         """
-        Time out connections that sent no line for ``idle_timeout`` seconds
-        (give or take ``interval``) and are owed no reply.
+        Time out, give or take ``interval``, connections that have not
+        authenticated within ``auth_timeout`` seconds, and connections that
+        sent no line for ``idle_timeout`` seconds and are owed no reply.
+        One periodic pass instead of a timer per connection.
         """
         self._schedule_sweep(interval)
         now = self.clock.seconds()
-        timeout = self.limits.idle_timeout
+        idle_timeout = self.limits.idle_timeout
+        auth_timeout = self.limits.auth_timeout
         expired = []
         for protocol in self.protocols:
+            if auth_timeout and protocol.user is None:
+                if now - protocol.connected_at >= auth_timeout:
+                    expired.append(protocol)
+                    continue
             if protocol.active or protocol.inflight:
                 protocol.active = False
                 protocol.idle_since = now
-            elif now - protocol.idle_since >= timeout:
+            elif idle_timeout and now - protocol.idle_since >= idle_timeout:
                 expired.append(protocol)
         for protocol in expired:
             protocol.timed_out()
@@ -170,7 +178,7 @@ class CServerFactory(ServerFactory):
         self.connections += 1
         if self.connections > self.peak:
             self.peak = self.connections
-        protocol.idle_since = self.clock.seconds()
+        protocol.idle_since = protocol.connected_at = self.clock.seconds()
         self.protocols.add(protocol)
         return True
 

@@ -33,16 +33,17 @@ def test_allow_list_accepts_listed_names():
 
 def test_allow_list_credentials_ignore_password():
     """Against an allow-list, AUTH's optional password is not needed."""
-    portal = allow_list_portal(["alice"])
-    assert credentials_for(portal, "alice", None) == Username("alice")
-    assert credentials_for(portal, "alice", "anything") == Username("alice")
+    interfaces = allow_list_portal(["alice"]).listCredentialsInterfaces()
+    assert credentials_for(interfaces, "alice", None) == Username("alice")
+    assert credentials_for(interfaces, "alice", "anything") == Username("alice")
 
 
 def test_password_portal_needs_password():
     """Against password checkers, no password means no credentials."""
     portal = password_portal([strcred.makeChecker("memory:alice:pw")])
-    assert credentials_for(portal, "alice", None) is None
-    assert isinstance(credentials_for(portal, "alice", "pw"), UsernamePassword)
+    interfaces = portal.listCredentialsInterfaces()
+    assert credentials_for(interfaces, "alice", None) is None
+    assert isinstance(credentials_for(interfaces, "alice", "pw"), UsernamePassword)
 
 
 def test_memory_checker_stores_text():
