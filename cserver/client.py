@@ -221,8 +221,8 @@ def add_connection_arguments(parser):
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (%(default)s)")
     parser.add_argument(
         "--endpoint",
-        help="a Twisted client endpoint description, e.g. tcp:host=::1:port=31337 or "
-        "unix:path=/run/cserver.sock; overrides --host and --port",
+        help="a Twisted client endpoint description, e.g. unix:path=/run/cserver.sock "
+        "or tls:host=example.org:port=31337; overrides --host and --port",
     )
     parser.add_argument("--user", default=getpass.getuser(), help="user to AUTH as (%(default)s)")
     parser.add_argument("--password", help="password for AUTH (default: none sent)")
@@ -232,15 +232,19 @@ def build_parser():
     """The ``cserver-client`` argument parser."""
     from cserver import bench
 
-    parser = argparse.ArgumentParser(prog="cserver-client", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="cserver-client", description="Talk to a cserver: send, stats, bench.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     send = sub.add_parser("send", help="send messages and print their seqs, one per line")
     add_connection_arguments(send)
     send.add_argument("texts", nargs="+", metavar="TEXT", help="one message each")
     stats = sub.add_parser("stats", help="print the server's STATS as key=value lines")
     add_connection_arguments(stats)
-    load = sub.add_parser("bench", help="the load generator: N concurrent sessions",
-                          description=bench.__doc__.split("\n\n")[0])
+    load = sub.add_parser(
+        "bench", help="the load generator: N concurrent sessions",
+        description="Open N sessions through one client factory, hold them at a barrier "
+        "until all N are authenticated, then send every MSG, QUIT, and report phase "
+        "times, msg/s and latency percentiles.")
     add_connection_arguments(load)
     bench.add_arguments(load)
     return parser

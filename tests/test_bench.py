@@ -1,0 +1,415 @@
+"""Tests for cserver.bench: the barrier, phases, errors, open loop, and the report.
+
+The bench runs on a MemoryReactorClock; its connections are completed one by one
+with iosim.ConnectionCompleter against FakeServer, a small protocol v1 server
+written here that logs every request line it receives, in order.
+"""
+
+import errno
+import json
+import math
+
+import attrs
+import pytest
+from twisted.internet import error
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from cserver import bench, client
+from cserver.bench import Bench, BenchConfig, RunResult
+from cserver.client import ServerError
+
+
+class FakeServer(LineReceiver):
+    """Protocol v1, just enough: HELLO/busy, AUTH, MSG (optionally held), STATS, QUIT."""
+
+    delimiter = b"\n"
+
+    def connectionMade(self):
+        f = self.factory
+        self.counted = f.max_connections is None or f.connections < f.max_connections
+        if not self.counted:
+            self.transport.write(b"ERR busy\r\n")
+            self.transport.loseConnection()
+            return
+        f.connections += 1
+        f.peak = max(f.peak, f.connections)
+        self.id, f.next_id = f.next_id, f.next_id + 1
+        self.user, self.mine = None, 0
+        self.transport.write(b"HELLO cserver fake\r\n")
+
+    def connectionLost(self, reason=None):
+        if self.counted:
+            self.factory.connections -= 1
+
+    def reply(self, text):
+        self.transport.write(text.encode() + b"\r\n")
+
+    def lineReceived(self, line):
+        f = self.factory
+        verb, _, arg = line.rstrip(b"\r").decode().partition(" ")
+        f.log.append((self.id, verb, arg))
+        if verb == "AUTH":
+            user = arg.split(" ")[0]
+            if user in f.users:
+                self.user = user
+                self.reply(f"OK {user}")
+            else:
+                self.reply("ERR auth unknown user")
+        elif verb == "MSG":
+            if f.msg_error:
+                self.reply(f"ERR {f.msg_error}")
+                return
+            f.seq += 1
+            self.mine += 1
+            if f.hold:
+                f.held.append((self, f"OK {f.seq}"))
+            else:
+                self.reply(f"OK {f.seq}")
+        elif verb == "STATS":
+            self.reply(f"OK total={f.seq} served={f.seq} connections={f.connections} "
+                       f"peak={f.peak} mine={self.mine} user={self.user or '-'}")
+        elif verb == "QUIT":
+            self.reply("OK bye")
+            self.transport.loseConnection()
+        else:
+            self.reply(f"ERR unknown {verb}")
+
+
+@attrs.define(eq=False)
+class FakeServerFactory(Factory):
+    protocol = FakeServer
+    users: set = attrs.Factory(lambda: {"alice"})
+    max_connections: int | None = None
+    hold: bool = False
+    msg_error: str | None = None
+    connections: int = 0
+    peak: int = 0
+    next_id: int = 0
+    seq: int = 0
+    log: list = attrs.Factory(list)
+    held: list = attrs.Factory(list)
+
+    def release(self):
+        held, self.held = self.held, []
+        for proto, text in held:
+            proto.reply(text)
+
+    def verbs(self, verb):
+        return [entry for entry in self.log if entry[1] == verb]
+
+
+class Net:
+    """A memory reactor with FakeServer listening and the bench's pending connects."""
+
+    def __init__(self, **server):
+        self.reactor = MemoryReactorClock()
+        self.server = FakeServerFactory(**server)
+        self.reactor.listenTCP(31337, self.server)
+        self.completer = iosim.ConnectionCompleter(self.reactor)
+        self.pumps = []
+
+    def start(self, **config):
+        config.setdefault("endpoint", "tcp:host=127.0.0.1:port=31337")
+        config.setdefault("user", "alice")
+        self.bench = Bench(BenchConfig(**config), self.reactor, now=self.reactor.seconds)
+        self.results = []
+        self.bench.start().addBoth(self.results.append)
+        return self.bench
+
+    def complete(self, count=None):
+        """Let ``count`` (default: all) pending connection attempts succeed."""
+        while self.reactor.tcpClients and count != 0:
+            self.pumps.append(self.completer.succeedOnce())
+            count = None if count is None else count - 1
+        self.pump()
+
+    def pump(self):
+        """Move data on every connection until nothing moves."""
+        while any([p.pump() for p in self.pumps]):
+            pass
+
+    @property
+    def result(self):
+        assert self.results, "the bench has not finished"
+        return self.results[0]
+
+
+def test_barrier_holds_every_msg_until_all_sessions_authenticated():
+    """No MSG (and no STATS) leaves any session before all N have authenticated."""
+    net = Net()
+    net.start(connections=5, messages=2)
+    net.complete(4)
+    assert len(net.server.verbs("AUTH")) == 4
+    assert net.server.verbs("MSG") == [] and net.server.verbs("STATS") == []
+    net.complete()
+    verbs = [verb for _, verb, _ in net.server.log]
+    last_auth = max(i for i, v in enumerate(verbs) if v == "AUTH")
+    first_msg = verbs.index("MSG")
+    assert last_auth < verbs.index("STATS") < first_msg
+    assert net.result.acked == 10 and net.result.errors == {}
+
+
+def test_report_carries_server_peak_from_stats_at_the_barrier():
+    """The server's peak and open connections, read at the barrier, are in the result."""
+    net = Net()
+    net.start(connections=6, messages=1)
+    net.complete()
+    assert (net.result.peak, net.result.server_connections) == (6, 6)
+    report = bench.make_report(net.bench.config, [net.result])
+    assert report.ok and report.peak == 6 and report.acked == 6
+
+
+def test_every_session_quits_after_its_replies_and_the_run_ends_on_close():
+    """Each session QUITs after its last ack; the run finishes when all have closed."""
+    net = Net()
+    net.start(connections=3, messages=4)
+    net.complete()
+    for session in range(3):
+        mine = [verb for sid, verb, _ in net.server.log if sid == session]
+        assert mine == ["AUTH"] + (["STATS"] if session == 0 else []) + ["MSG"] * 4 + ["QUIT"]
+    result = net.result
+    assert result.t0 <= result.t1 <= result.t2 <= result.t3
+    assert net.server.connections == 0
+
+
+def test_message_texts_are_distinct():
+    """Every MSG carries TEXT CONNECTION NUMBER, so all texts in a run differ."""
+    net = Net()
+    net.start(connections=3, messages=3, text="hi there")
+    net.complete()
+    texts = [arg for _, verb, arg in net.server.log if verb == "MSG"]
+    assert len(texts) == 9 and len(set(texts)) == 9
+    assert "hi there 2 1" in texts
+
+
+def test_pipeline_depth_keeps_d_messages_in_flight():
+    """With -d 3 each session has exactly 3 MSGs outstanding while the server holds them."""
+    net = Net(hold=True)
+    net.start(connections=2, messages=5, pipeline=3)
+    net.complete()
+    assert len(net.server.verbs("MSG")) == 6
+    per_session = [sum(1 for s, v, _ in net.server.log if v == "MSG" and s == i) for i in (0, 1)]
+    assert per_session == [3, 3]
+    while not net.results:
+        net.server.release()
+        net.pump()
+    assert net.result.acked == 10
+
+
+def test_zero_messages_just_connects_and_quits():
+    """-n 0: sessions authenticate, pass the barrier and QUIT; nothing is sent."""
+    net = Net()
+    net.start(connections=2, messages=0)
+    net.complete()
+    assert net.server.verbs("MSG") == [] and len(net.server.verbs("QUIT")) == 2
+    assert bench.make_report(net.bench.config, [net.result]).ok
+
+
+def test_refused_connections_are_reported_not_waited_for():
+    """All connects refused: the run ends at once with errors refused=N and a note."""
+    net = Net()
+    net.start(connections=3)
+    for _ in range(3):
+        net.completer.failOnce(Failure(error.ConnectionRefusedError()))
+    result = net.result
+    assert result.errors == {"refused": 3} and result.authenticated == 0
+    assert "could not open 3 sessions" in result.notes[0]
+    report = bench.make_report(net.bench.config, [result])
+    assert not report.ok and any("refused" in note for note in report.notes)
+
+
+def test_one_failure_before_the_barrier_closes_the_others_and_sends_nothing():
+    """If one session cannot open, the barrier can never pass: the rest are closed, no MSG."""
+    net = Net()
+    net.start(connections=3)
+    net.complete(2)
+    net.completer.failOnce(Failure(error.ConnectBindError(errno.EMFILE, "Too many open files")))
+    net.pump()
+    assert net.result.errors == {"limit": 1}
+    assert net.server.verbs("MSG") == [] and net.server.connections == 0
+    assert net.result.t1 is None
+
+
+def test_failure_before_others_authenticate_still_ends_the_run():
+    """A session that fails first, before the others have authenticated, still ends
+    the run once the rest are in: no wait for the watchdog."""
+    net = Net()
+    net.start(connections=3)
+    net.completer.failOnce(Failure(error.ConnectionRefusedError()))
+    assert not net.results
+    net.complete()
+    assert net.result.errors == {"refused": 1} and net.result.authenticated == 2
+    assert net.server.verbs("MSG") == [] and net.server.connections == 0
+
+
+def test_busy_server_is_counted_as_busy():
+    """Sessions refused with ``ERR busy`` are counted under busy."""
+    net = Net(max_connections=2)
+    net.start(connections=3)
+    net.complete()
+    assert net.result.errors == {"busy": 1} and net.result.authenticated == 2
+
+
+def test_refused_auth_is_counted_as_auth():
+    """``ERR auth`` for every session: errors auth=N, nothing sent."""
+    net = Net()
+    net.start(connections=2, user="mallory")
+    net.complete()
+    assert net.result.errors == {"auth": 2} and net.server.verbs("MSG") == []
+
+
+def test_err_replies_to_msg_are_counted_by_code():
+    """``ERR unavailable`` replies are counted by code, not acked; sessions still QUIT."""
+    net = Net(msg_error="unavailable disk full")
+    net.start(connections=2, messages=3)
+    net.complete()
+    result = net.result
+    assert result.errors == {"unavailable": 6} and result.acked == 0
+    assert len(net.server.verbs("QUIT")) == 2
+    assert not bench.make_report(net.bench.config, [result]).ok
+
+
+def test_watchdog_ends_a_stalled_run():
+    """A server that never answers: after --timeout seconds the run ends with timeout."""
+    net = Net(hold=True)
+    net.start(connections=2, messages=1, timeout=5)
+    net.complete()
+    for _ in range(10):
+        net.reactor.advance(1)
+        net.pump()
+    result = net.result
+    assert result.errors == {"timeout": 2}
+    assert "no progress for 5 s" in result.notes[0]
+
+
+def test_open_loop_measures_latency_from_the_intended_send_time():
+    """--rate: MSGs go out on schedule even while the server stalls, and latency counts
+    from each MSG's intended time (no coordinated omission)."""
+    net = Net(hold=True)
+    b = net.start(connections=2, rate=8.0, duration=0.5)
+    net.complete()
+    start = b.result.t1
+    assert len(net.server.verbs("MSG")) == 1
+    # The client's timer runs late (0.3 s): the two MSGs due by then go out together,
+    # but each keeps its own intended time.
+    net.reactor.advance(0.3)
+    net.pump()
+    assert len(net.server.verbs("MSG")) == 3
+    net.reactor.advance(0.1)
+    net.pump()
+    assert len(net.server.verbs("MSG")) == 4
+    net.reactor.advance(1.0)
+    net.server.release()
+    net.pump()
+    result = net.result
+    assert result.acked == 4
+    ack_time = start + 1.4
+    expected = sorted(ack_time - (start + k * 0.125) for k in range(4))
+    assert sorted(result.latencies) == pytest.approx(expected)
+
+
+def test_percentiles_nearest_rank():
+    """p50/p90/p99/p99.9 use the nearest rank; values are reported in ms."""
+    values = [i / 1000 for i in range(1, 1001)]
+    got = bench.percentiles(list(reversed(values)))
+    assert got == {"p50": 500.0, "p90": 900.0, "p99": 990.0, "p99.9": 999.0, "max": 1000.0}
+    assert bench.percentiles([0.002]) == {k: 2.0 for k in ("p50", "p90", "p99", "p99.9", "max")}
+    assert set(bench.percentiles([]).values()) == {None}
+
+
+def test_classify_names_connection_failures():
+    """Failures map to the codes the report uses: refused, limit, reset, closed, ..."""
+    assert bench.classify(Failure(error.ConnectionRefusedError())) == "refused"
+    assert bench.classify(error.ConnectBindError(errno.EMFILE, "x")) == "limit"
+    assert bench.classify(error.ConnectError(errno.EADDRNOTAVAIL, "x")) == "ports"
+    assert bench.classify(error.ConnectionLost()) == "reset"
+    assert bench.classify(error.ConnectionDone()) == "closed"
+    assert bench.classify(error.TimeoutError()) == "timeout"
+    assert bench.classify(ServerError("busy")) == "busy"
+
+
+def sample_result(**kw):
+    base = dict(requested=2, opened=2, authenticated=2, acked=2, peak=2,
+                server_connections=2, t0=10.0, t1=10.1, t2=10.3, t3=10.4,
+                latencies=[0.001, 0.003])
+    return RunResult(**(base | kw))
+
+
+def test_report_json_shape():
+    """The JSON report has the keys the issue names, latency_ms with p50..max, and the
+    phase times in ms."""
+    config = BenchConfig(endpoint="tcp:host=127.0.0.1:port=1", user="u", connections=2)
+    report = bench.make_report(config, [sample_result()])
+    data = json.loads(json.dumps(attrs.asdict(report)))
+    for key in ("connections", "acked", "errors", "peak", "total_ms", "msg_per_s",
+                "latency_ms", "connect_ms", "messages_ms", "quit_ms"):
+        assert key in data
+    assert set(data["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max"}
+    assert (data["connections"], data["acked"], data["errors"], data["peak"]) == (2, 2, {}, 2)
+    assert math.isclose(data["total_ms"], 400.0) and math.isclose(data["connect_ms"], 100.0)
+    assert math.isclose(data["messages_ms"], 200.0) and math.isclose(data["msg_per_s"], 10.0)
+    assert data["ok"] is True
+
+
+def test_report_merges_processes():
+    """Results of several processes add up; peak is the largest; phases span all."""
+    config = BenchConfig(endpoint="e", user="u", connections=4)
+    a = sample_result()
+    b = sample_result(t0=9.9, t1=10.2, t2=10.5, t3=10.6, peak=4, errors={"unavailable": 1},
+                      acked=1)
+    report = bench.make_report(config, [a, b], processes=2)
+    assert (report.acked, report.peak, report.errors) == (3, 4, {"unavailable": 1})
+    assert math.isclose(report.total_ms, 700.0) and math.isclose(report.connect_ms, 300.0)
+    assert math.isclose(report.messages_ms, 400.0) and not report.ok
+
+
+def test_split_shares_connections_and_rate():
+    """--processes: connections split evenly with distinct numbering, rate in proportion."""
+    config = BenchConfig(endpoint="e", user="u", connections=10, rate=100.0)
+    parts = bench.split(config, 3)
+    assert [(p.connections, p.first) for p in parts] == [(4, 0), (3, 4), (3, 7)]
+    assert sum(p.rate for p in parts) == pytest.approx(100.0)
+
+
+def test_table_lists_phases_and_latency():
+    """The human report names every phase, the throughput and the percentiles."""
+    config = BenchConfig(endpoint="e", user="u", connections=2)
+    table = bench.format_table(bench.make_report(config, [sample_result()]))
+    for word in ("connect+auth", "messages", "quit", "total", "msg/s", "p99.9", "peak 2"):
+        assert word in table
+
+
+def test_open_file_limit_too_low_is_explained(monkeypatch):
+    """When the hard limit is below what N connections need, say so (no silent hang)."""
+    import resource
+
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (256, 512))
+    monkeypatch.setattr(resource, "setrlimit", lambda what, limits: calls.append(limits))
+    message = bench.ensure_open_files(1000)
+    assert calls == [(512, 512)]
+    assert "1000 connections" in message and "ulimit -n" in message
+    assert bench.ensure_open_files(100) is None
+
+
+def test_main_refuses_more_processes_than_connections(capsys):
+    """bench exits 2 with a message for --processes above --connections."""
+    args = client.build_parser().parse_args(["bench", "-c", "2", "--processes", "3"])
+    assert bench.main(args) == 2
+    assert "--processes" in capsys.readouterr().err
+
+
+def test_main_reports_a_too_low_open_file_limit_as_json(monkeypatch, capsys):
+    """With --json, an open-file limit too low for N still ends in a JSON report with
+    errors limit=N, and the exit status is 1."""
+    monkeypatch.setattr(bench, "ensure_open_files", lambda n: "limit too low")
+    args = client.build_parser().parse_args(["bench", "-c", "30", "--json"])
+    assert bench.main(args) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out.splitlines()[-1])
+    assert report["errors"] == {"limit": 30} and report["ok"] is False
+    assert "limit too low" in err

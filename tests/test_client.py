@@ -1,0 +1,497 @@
+"""Tests for cserver.client: reply parsing, the client protocol, connect() and the CLI."""
+
+import getpass
+import io
+
+import pytest
+from twisted.internet import error
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from cserver import client
+from cserver.client import (
+    CserverClientProtocol,
+    ServerError,
+    UnexpectedReplyError,
+    parse_reply,
+    parse_stats,
+)
+
+ERR_CODES = ["auth", "noauth", "busy", "unavailable", "syntax", "state", "unknown",
+             "toolong", "encoding", "timeout"]
+
+
+def result_of(d):
+    """The result a Deferred has already fired with (a Failure when it failed)."""
+    box = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    return box[0]
+
+
+def greeted_client():
+    """A client protocol on a StringTransport that has read the server's greeting."""
+    proto = CserverClientProtocol()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"HELLO cserver 0.1.0\r\n")
+    return proto, transport
+
+
+def test_parse_reply_ok_with_and_without_data():
+    """``OK <data>`` gives (True, data); a bare ``OK`` gives (True, "")."""
+    assert parse_reply("OK 42") == (True, "42")
+    assert parse_reply("OK") == (True, "")
+    assert parse_reply("OK total=1 peak=2") == (True, "total=1 peak=2")
+
+
+def test_parse_reply_err_carries_code_and_text():
+    """``ERR <code> <text>`` gives (False, ServerError) with the code and the whole text."""
+    ok, e = parse_reply("ERR auth unknown user bob")
+    assert not ok and isinstance(e, ServerError)
+    assert (e.code, e.text) == ("auth", "unknown user bob")
+    ok, e = parse_reply("ERR noauth")
+    assert (e.code, e.text) == ("noauth", "")
+    assert str(e) == "ERR noauth"
+
+
+def test_parse_reply_rejects_other_lines():
+    """A line that is neither OK nor ERR is a protocol violation, not silently accepted."""
+    with pytest.raises(UnexpectedReplyError):
+        parse_reply("HELLO cserver 1")
+    with pytest.raises(UnexpectedReplyError):
+        parse_reply("ok 1")
+
+
+def test_parse_stats_converts_integers():
+    """STATS data becomes a dict; numeric values are ints, others stay strings."""
+    stats = parse_stats("total=10 served=3 connections=2 peak=1000 inflight=0 "
+                        "inflight_peak=7 mine=1 user=alice junk")
+    assert stats == {"total": 10, "served": 3, "connections": 2, "peak": 1000,
+                     "inflight": 0, "inflight_peak": 7, "mine": 1, "user": "alice"}
+    assert parse_stats("total=5 connections=1 peak=1 mine=0 user=-")["user"] == "-"
+
+
+def test_greeting_fires_with_version():
+    """``greeted`` fires with the version from ``HELLO cserver <version>``."""
+    proto, _ = greeted_client()
+    assert result_of(proto.greeted) == "0.1.0"
+    assert proto.server_version == "0.1.0"
+
+
+def test_busy_greeting_fails_with_code_busy():
+    """``ERR busy`` instead of HELLO fails ``greeted`` with a ServerError coded busy."""
+    proto = CserverClientProtocol()
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(b"ERR busy too many connections\r\n")
+    failure = result_of(proto.greeted)
+    assert failure.check(ServerError) and failure.value.code == "busy"
+
+
+def test_non_hello_greeting_fails_greeted_and_drops():
+    """A first line that is not HELLO (nor ERR) fails ``greeted`` and drops the line."""
+    proto = CserverClientProtocol()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"OK 1\r\n")
+    assert result_of(proto.greeted).check(UnexpectedReplyError)
+    assert transport.disconnecting
+
+
+def test_auth_sends_line_and_fires_with_user():
+    """auth() writes ``AUTH user password`` (LF-terminated) and fires with the OK'd user."""
+    proto, transport = greeted_client()
+    d = proto.auth("alice", "s3cret")
+    assert transport.value() == b"AUTH alice s3cret\n"
+    proto.dataReceived(b"OK alice\r\n")
+    assert result_of(d) == "alice" and proto.user == "alice"
+
+
+def test_auth_without_password_sends_user_only():
+    """auth(user) with no password sends ``AUTH user`` and nothing else."""
+    proto, transport = greeted_client()
+    proto.auth("bob")
+    assert transport.value() == b"AUTH bob\n"
+
+
+def test_send_fires_with_integer_seq():
+    """send() writes ``MSG text`` and fires with the seq as an int."""
+    proto, transport = greeted_client()
+    d = proto.send("hello world")
+    assert transport.value() == b"MSG hello world\n"
+    proto.dataReceived(b"OK 7\r\n")
+    assert result_of(d) == 7
+
+
+def test_send_encodes_utf8():
+    """Non-ASCII text goes out as UTF-8."""
+    proto, transport = greeted_client()
+    proto.send("h\u00e9llo \u2603")
+    assert transport.value() == "MSG h\u00e9llo \u2603\n".encode()
+
+
+def test_send_refuses_line_breaks():
+    """A text with a line break would be two requests: send() raises ValueError."""
+    proto, transport = greeted_client()
+    with pytest.raises(ValueError):
+        proto.send("one\ntwo")
+    with pytest.raises(ValueError):
+        proto.send("one\rtwo")
+    assert transport.value() == b""
+
+
+def test_pipelined_replies_match_requests_in_order():
+    """Several outstanding requests fire in request order, even from one data chunk."""
+    proto, transport = greeted_client()
+    d1, d2, d3, d4 = proto.send("a"), proto.send("b"), proto.stats(), proto.send("c")
+    assert transport.value() == b"MSG a\nMSG b\nSTATS\nMSG c\n"
+    proto.dataReceived(b"OK 1\r\nOK 2\r\nOK total=2 peak=1\r\nERR unavailable disk ")
+    assert result_of(d1) == 1 and result_of(d2) == 2
+    assert result_of(d3) == {"total": 2, "peak": 1}
+    assert not d4.called
+    proto.dataReceived(b"full\r\n")
+    failure = result_of(d4)
+    assert failure.value.code == "unavailable" and failure.value.text == "disk full"
+
+
+def test_lf_only_replies_work():
+    """Replies ending in LF alone (no CR) are understood too."""
+    proto, _ = greeted_client()
+    d = proto.send("x")
+    proto.dataReceived(b"OK 3\n")
+    assert result_of(d) == 3
+
+
+@pytest.mark.parametrize("code", ERR_CODES)
+def test_each_err_code_fails_with_that_code(code):
+    """``ERR <code> ...`` fails the request's Deferred with ServerError(code)."""
+    proto, _ = greeted_client()
+    d = proto.send("x")
+    proto.dataReceived(f"ERR {code} some text\r\n".encode())
+    failure = result_of(d)
+    assert failure.check(ServerError)
+    assert failure.value.code == code and failure.value.text == "some text"
+
+
+def test_stats_fires_with_dict():
+    """stats() sends STATS and fires with the parsed dict."""
+    proto, transport = greeted_client()
+    d = proto.stats()
+    assert transport.value() == b"STATS\n"
+    proto.dataReceived(b"OK total=3 connections=1 peak=4 mine=0 user=-\r\n")
+    assert result_of(d) == {"total": 3, "connections": 1, "peak": 4, "mine": 0, "user": "-"}
+
+
+def test_quit_fires_with_bye():
+    """quit() sends QUIT and fires with the reply data ``bye``."""
+    proto, transport = greeted_client()
+    d = proto.quit()
+    assert transport.value() == b"QUIT\n"
+    proto.dataReceived(b"OK bye\r\n")
+    assert result_of(d) == "bye"
+
+
+def test_connection_loss_fails_every_outstanding_request():
+    """Losing the connection fails all outstanding Deferreds with the reason, and later
+    requests fail at once instead of waiting forever."""
+    proto, _ = greeted_client()
+    pending = [proto.send("a"), proto.send("b"), proto.stats()]
+    proto.connectionLost(Failure(error.ConnectionLost("gone")))
+    for d in pending:
+        assert result_of(d).check(error.ConnectionLost)
+    assert result_of(proto.send("late")).check(error.ConnectionLost)
+    assert result_of(proto.closed) is None
+
+
+def test_connection_loss_before_greeting_fails_greeted():
+    """If the connection drops before HELLO, ``greeted`` fails instead of hanging."""
+    proto = CserverClientProtocol()
+    proto.makeConnection(StringTransport())
+    proto.connectionLost(Failure(error.ConnectionDone()))
+    assert result_of(proto.greeted).check(error.ConnectionDone)
+
+
+def test_garbage_reply_drops_connection():
+    """A reply line that is neither OK nor ERR makes the client drop the connection."""
+    proto, transport = greeted_client()
+    proto.send("a")
+    proto.dataReceived(b"WHAT\r\n")
+    assert transport.disconnecting
+
+
+class ScriptedServer(LineReceiver):
+    """A tiny protocol v1 server: greets, accepts user alice, numbers MSGs, says bye."""
+
+    delimiter = b"\n"
+
+    def connectionMade(self):
+        self.seq = 0
+        self.transport.write(b"HELLO cserver 9.9\r\n")
+
+    def lineReceived(self, line):
+        verb, _, arg = line.decode().partition(" ")
+        if verb == "AUTH":
+            ok = arg.split(" ")[0] == "alice"
+            self.sendLine(b"OK alice" if ok else b"ERR auth unknown user")
+        elif verb == "MSG":
+            self.seq += 1
+            self.sendLine(b"OK %d" % self.seq)
+        elif verb == "STATS":
+            self.sendLine(b"OK total=%d peak=1 user=alice" % self.seq)
+        elif verb == "QUIT":
+            self.sendLine(b"OK bye")
+            self.transport.loseConnection()
+
+    def sendLine(self, line):
+        self.transport.write(line + b"\r\n")
+
+
+def memory_server():
+    """A MemoryReactorClock with ScriptedServer on port 31337, and a ConnectionCompleter."""
+    reactor = MemoryReactorClock()
+    reactor.listenTCP(31337, Factory.forProtocol(ScriptedServer))
+    return reactor, iosim.ConnectionCompleter(reactor)
+
+
+def test_connect_greets_and_authenticates():
+    """connect() fires with a protocol that has been greeted and authenticated."""
+    reactor, completer = memory_server()
+    d = client.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice")
+    pump = completer.succeedOnce()
+    pump.flush()
+    proto = result_of(d)
+    assert isinstance(proto, CserverClientProtocol)
+    assert proto.user == "alice" and proto.server_version == "9.9"
+    sends = [proto.send("one"), proto.send("two")]
+    pump.flush()
+    assert [result_of(s) for s in sends] == [1, 2]
+
+
+def test_connect_with_description_string():
+    """connect() accepts a clientFromString description."""
+    reactor, completer = memory_server()
+    d = client.connect(reactor, "tcp:host=127.0.0.1:port=31337", "alice")
+    completer.succeedOnce().flush()
+    assert result_of(d).user == "alice"
+
+
+def test_connect_refused_user_fails_and_closes():
+    """A refused AUTH fails connect() with ServerError auth and closes the connection."""
+    reactor, completer = memory_server()
+    d = client.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "mallory")
+    pump = completer.succeedOnce()
+    pump.flush()
+    failure = result_of(d)
+    assert failure.value.code == "auth"
+    assert pump.client.transport.disconnected or pump.client.transport.disconnecting
+
+
+def test_connect_refused_connection_fails():
+    """A refused TCP connection fails connect() with ConnectionRefusedError."""
+    reactor, completer = memory_server()
+    d = client.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice")
+    completer.failOnce()
+    assert result_of(d).check(error.ConnectionRefusedError)
+
+
+def run_cli_session(argv):
+    """Run ``send``/``stats`` through run_session on a memory reactor; (code, output)."""
+    reactor, completer = memory_server()
+    args = client.build_parser().parse_args(argv)
+    out = io.StringIO()
+    d = client.run_session(reactor, args, out)
+    completer.succeedOnce().flush()
+    return result_of(d), out.getvalue()
+
+
+def test_cli_send_prints_one_seq_per_line():
+    """``cserver-client send A B C`` prints the three seqs in order and exits 0."""
+    code, out = run_cli_session(["send", "--user", "alice", "A", "B", "C"])
+    assert (code, out) == (0, "1\n2\n3\n")
+
+
+def test_cli_stats_prints_key_value_lines():
+    """``cserver-client stats`` prints one key=value line per STATS field."""
+    code, out = run_cli_session(["stats", "--user", "alice"])
+    assert (code, out) == (0, "total=0\npeak=1\nuser=alice\n")
+
+
+def test_cli_session_failure_exits_nonzero(capsys):
+    """A refused AUTH makes ``send`` print the ERR to stderr and return 1."""
+    code, out = run_cli_session(["send", "--user", "mallory", "A"])
+    assert code == 1 and out == ""
+    assert "ERR auth" in capsys.readouterr().err
+
+
+def test_parser_defaults_for_send_and_stats():
+    """send/stats default to 127.0.0.1:31337 as the OS user with no password."""
+    args = client.build_parser().parse_args(["send", "hi", "there"])
+    assert (args.host, args.port, args.endpoint) == ("127.0.0.1", 31337, None)
+    assert (args.user, args.password, args.texts) == (getpass.getuser(), None, ["hi", "there"])
+    args = client.build_parser().parse_args(
+        ["stats", "--endpoint", "unix:path=/tmp/s", "--user", "u", "--password", "p"])
+    assert (args.command, args.endpoint, args.user, args.password) == (
+        "stats", "unix:path=/tmp/s", "u", "p")
+
+
+def test_parser_bench_defaults_and_short_options():
+    """bench defaults to 1000 connections x 1 message, depth 1; -c/-n/-d set them."""
+    parse = client.build_parser().parse_args
+    args = parse(["bench"])
+    assert (args.connections, args.messages, args.pipeline, args.processes) == (1000, 1, 1, 1)
+    assert (args.rate, args.json, args.text) == (None, False, "bench")
+    args = parse(["bench", "-c", "10", "-n", "50", "-d", "4", "--json", "--port", "9",
+                  "--rate", "500", "--duration", "2.5", "--processes", "2"])
+    assert (args.connections, args.messages, args.pipeline, args.port) == (10, 50, 4, 9)
+    assert (args.json, args.rate, args.duration, args.processes) == (True, 500.0, 2.5, 2)
+
+
+@pytest.mark.parametrize("argv", [["bench", "-c", "0"], ["bench", "-d", "0"],
+                                  ["bench", "-n", "-1"], ["bench", "--rate", "0"],
+                                  ["send"], []])
+def test_parser_rejects_bad_arguments(argv, capsys):
+    """Nonsense counts, a send without text or no command exit with a usage error."""
+    with pytest.raises(SystemExit) as exc:
+        client.build_parser().parse_args(argv)
+    assert exc.value.code == 2
+
+
+def test_endpoint_description():
+    """--endpoint wins over --host/--port; else a tcp description is built."""
+    assert client.endpoint_description("127.0.0.1", 5) == "tcp:host=127.0.0.1:port=5"
+    assert client.endpoint_description("h", 5, "unix:path=/s") == "unix:path=/s"
+
+
+def test_module_does_not_import_the_global_reactor():
+    """Importing cserver.client (and cserver.bench) installs no reactor."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cserver.client, cserver.bench; "
+            "assert 'twisted.internet.reactor' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+
+# End to end: a real ``twistd -n cserver`` child process on loopback, driven by the
+# ``cserver-client`` command line in child processes of its own.
+
+E2E_USER = "tester"
+
+
+def cli(*argv, timeout=120):
+    """Run ``python -m cserver.client ARGV``; the CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cserver.client", *argv],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def bench_json(port, *argv):
+    """Run ``cserver-client bench --json`` against ``port``: (exit status, report dict)."""
+    import json
+
+    done = cli("bench", "--port", str(port), "--user", E2E_USER, "--json", *argv)
+    return done.returncode, json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+def start_server(directory, *args):
+    from tests.server_process import ServerProcess
+
+    return ServerProcess(directory, "--users", E2E_USER,
+                         "--port", "tcp:0:interface=127.0.0.1:backlog=1024", *args).start()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real server for the end-to-end tests of this module."""
+    proc = start_server(tmp_path_factory.mktemp("server"))
+    yield proc
+    proc.stop()
+
+
+def test_e2e_send_prints_consecutive_seqs_and_stats(server):
+    """``send A B`` prints two consecutive seqs; ``stats`` prints key=value lines."""
+    done = cli("send", "--port", str(server.port), "--user", E2E_USER, "first", "second")
+    assert done.returncode == 0, done.stderr
+    first, second = (int(x) for x in done.stdout.split())
+    assert second == first + 1
+    done = cli("stats", "--endpoint", f"tcp:host=127.0.0.1:port={server.port}",
+               "--user", E2E_USER)
+    stats = dict(line.split("=", 1) for line in done.stdout.split())
+    assert int(stats["total"]) >= 2 and stats["user"] == E2E_USER and stats["mine"] == "0"
+
+
+def test_e2e_unknown_user_fails_with_auth(server):
+    """AUTH as a user the server does not know: exit 1 and the ERR auth on stderr."""
+    done = cli("send", "--port", str(server.port), "--user", "nobody", "x")
+    assert done.returncode == 1 and "ERR auth" in done.stderr and done.stdout == ""
+
+
+def test_e2e_1000_concurrent_clients(server):
+    """The proof: 1000 sessions open at once (the server's own peak says so), each
+    sends one MSG; all 1000 are acked and the journal holds exactly those 1000
+    records, with 1000 distinct seqs and the texts sent."""
+    from tests.server_process import read_journal
+
+    code, report, err = bench_json(server.port, "-c", "1000", "-n", "1", "--text", "proof")
+    assert code == 0, err
+    assert (report["connections"], report["acked"], report["errors"]) == (1000, 1000, {})
+    assert report["peak"] >= 1000 and report["server_connections"] >= 1000
+    records = [r for r in read_journal(server.journal)
+               if r["event"] == "message" and r["text"].startswith("proof ")]
+    assert len(records) == 1000 and len({r["seq"] for r in records}) == 1000
+    assert {r["text"] for r in records} == {f"proof {c} 0" for c in range(1000)}
+    assert {r["user"] for r in records} == {E2E_USER}
+
+
+def test_e2e_pipelined_bench_over_two_processes(server):
+    """--processes 2 -d 4: the children's sessions all pass one barrier and every MSG
+    is acked; the merged report counts them all."""
+    code, report, err = bench_json(server.port, "-c", "40", "-n", "10", "-d", "4",
+                                   "--processes", "2")
+    assert code == 0, err
+    assert (report["processes"], report["acked"], report["errors"]) == (2, 400, {})
+    assert report["peak"] >= 40
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["max"]
+
+
+def test_e2e_open_loop_rate(server):
+    """--rate 200 --duration 0.5: 100 MSGs on schedule, all acked."""
+    code, report, err = bench_json(server.port, "-c", "10", "--rate", "200",
+                                   "--duration", "0.5")
+    assert code == 0, err
+    assert (report["messages"], report["acked"]) == (100, 100)
+    assert report["messages_ms"] >= 400
+
+
+def test_e2e_nothing_listening_is_reported_as_refused():
+    """Against a port nobody listens on, bench exits 1 at once and says refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, report, err = bench_json(port, "-c", "20")
+    assert code == 1 and report["errors"] == {"refused": 20}
+    assert "could not open 20 sessions" in err and "refused" in err
+
+
+def test_e2e_requests_overlap_under_work_delay(tmp_path):
+    """With --work-delay 1 each MSG takes 1 s in the server, yet 1000 clients are all
+    acked in well under 5 s, and the server saw all 1000 in service at once."""
+    proc = start_server(tmp_path, "--work-delay", "1")
+    try:
+        code, report, err = bench_json(proc.port, "-c", "1000", "-n", "1")
+        assert code == 0, err
+        assert report["acked"] == 1000 and report["messages_ms"] < 5000
+        done = cli("stats", "--port", str(proc.port), "--user", E2E_USER)
+        stats = dict(line.split("=", 1) for line in done.stdout.split())
+        assert int(stats["inflight_peak"]) == 1000
+    finally:
+        proc.stop()
