@@ -116,6 +116,7 @@ class _BatchingJournal:
         self._unsynced = []
         self._unsynced_from = None
         self._pid = os.getpid()
+        self._quoted = {}
         if fsync == "interval":
             self._sync_call = clock.callLater(sync_interval, self._periodic_sync, sync_interval)
 
@@ -132,7 +133,18 @@ class _BatchingJournal:
             return
         seq = self.last_seq + 1
         try:
-            line = self._format(seq, kind, event)
+            if kind == "message":
+                quoted = self._quoted
+                user = event["user"]
+                peer = event["peer"]
+                line = (
+                    f'{{"seq":{seq},"time":{event["log_time"]!r},"event":"message",'
+                    f'"pid":{self._pid},"user":{quoted.get(user) or self._quote(user)},'
+                    f'"text":{_quote(event["text"])},'
+                    f'"peer":{quoted.get(peer) or self._quote(peer)}}}\n'
+                ).encode()
+            else:
+                line = self._format(seq, kind, event)
         except Exception:
             _log.failure("journal: cannot make a {kind} record", kind=kind)
             if ack is not None:
@@ -145,23 +157,30 @@ class _BatchingJournal:
         if self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self._flush_turn)
 
+    def _quote(self, value):
+        """
+        ``value`` as a JSON string, remembered: user names and peers recur.
+        """
+        quoted = self._quoted
+        if len(quoted) >= 4096:
+            quoted.clear()
+        result = quoted[value] = _quote(value)
+        return result
+
     def _format(self, seq, kind, event):
         """
-        One record as a UTF-8 JSON line.
+        A record other than a message, as a UTF-8 JSON line.
         """
-        head = f'{{"seq":{seq},"time":{event["log_time"]!r},"event":"{kind}","pid":{self._pid}'
-        if kind == "message":
-            line = (
-                f'{head},"user":{_quote(event["user"])},"text":{_quote(event["text"])},'
-                f'"peer":{_quote(event["peer"])}}}\n'
-            )
+        head = (
+            f'{{"seq":{seq},"time":{event["log_time"]!r},"event":"{kind}",'
+            f'"pid":{self._pid}'
+        )
+        fields = event.get(FIELDS)
+        if fields:
+            body = dumps(fields, ensure_ascii=False, separators=(",", ":"))
+            line = f"{head},{body[1:]}\n"
         else:
-            fields = event.get(FIELDS)
-            if fields:
-                body = dumps(fields, ensure_ascii=False, separators=(",", ":"))
-                line = f"{head},{body[1:]}\n"
-            else:
-                line = head + "}\n"
+            line = head + "}\n"
         return line.encode("utf-8")
 
     def _flush_turn(self):
@@ -332,7 +351,10 @@ def _fail(acks, reason):
 
 def _succeed(acks):
     for seq, ack in acks:
-        _call(ack, seq, None)
+        try:
+            ack(seq, None)
+        except Exception:
+            _log.failure("journal: acknowledging seq {seq} failed", seq=seq)
 
 
 def _describe(error):

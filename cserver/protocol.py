@@ -20,6 +20,8 @@ from cserver.auth import IUser, credentials_for
 #: Failed AUTHs after which a connection is closed.
 MAX_AUTH_FAILURES = 3
 
+_GREETING = b"HELLO cserver %s\r\n" % (__version__.encode("ascii"),)
+
 
 class _Reply:
     """
@@ -92,7 +94,7 @@ class CServerProtocol(LineReceiver):
         self._counted = True
         self.MAX_LENGTH = factory.max_line
         self.transport.registerProducer(self, True)
-        self.transport.write(b"HELLO cserver %s\r\n" % (__version__.encode(),))
+        self.transport.write(_GREETING)
 
     def connectionLost(self, reason):
         self._closing = True
@@ -118,16 +120,20 @@ class CServerProtocol(LineReceiver):
             self._buffer += data
             return
         if (
-            data
+            data.find(b"\n") == len(data) - 1
+            and data
             and not self._buffer
-            and data.find(b"\n") == len(data) - 1
             and len(data) <= self.MAX_LENGTH
             and not self.paused
         ):
             # One whole line, the common case of a client awaiting each reply.
             self._busyReceiving = True
             try:
-                self.lineReceived(data[:-1])
+                if data.startswith(b"MSG ") and self.user is not None and not self._closing:
+                    self.active = True
+                    self._msg(data[4:-2] if data.endswith(b"\r\n") else data[4:-1])
+                else:
+                    self.lineReceived(data[:-1])
             finally:
                 self._busyReceiving = False
             return
@@ -161,25 +167,13 @@ class CServerProtocol(LineReceiver):
         if self._closing:
             return
         self.active = True
-        if line[-1:] == b"\r":
+        if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
             return
-        if line[:4] == b"MSG " and self.user is not None and len(line) > 4:
-            # The hot path: an authenticated MSG, as do_msg would take it.
-            try:
-                text = line[4:].decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-            else:
-                reply = _Reply(self)
-                self._queue.append(reply)
-                self.inflight += 1
-                factory = self.factory
-                factory.submit_message(self, text, reply)
-                if self.inflight >= factory.max_pending:
-                    self._update_flow()
-                return
+        if line.startswith(b"MSG ") and self.user is not None:
+            self._msg(line[4:])
+            return
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -197,6 +191,27 @@ class CServerProtocol(LineReceiver):
             self._close_with(b"OK bye\r\n")
         else:
             self._reply(b"ERR unknown %s\r\n" % (_clip(word).encode("utf-8"),))
+
+    def _msg(self, body):
+        """
+        The hot path: the bytes after ``MSG `` from an authenticated client,
+        taken as :meth:`do_msg` would take them.
+        """
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(b"ERR encoding line is not valid UTF-8\r\n")
+            return
+        if not text:
+            self._reply(b"ERR syntax MSG needs a text\r\n")
+            return
+        reply = _Reply(self)
+        self._queue.append(reply)
+        self.inflight += 1
+        factory = self.factory
+        factory.submit_message(self, text, reply)
+        if self.inflight >= factory.max_pending:
+            self._update_flow()
 
     def do_msg(self, text):
         if self.user is None:
@@ -231,7 +246,6 @@ class CServerProtocol(LineReceiver):
         self._awaiting_auth = True
         d = portal.login(credentials, None, IUser)
         d.addCallbacks(self._logged_in, self._login_failed, (reply,), None, (reply, user))
-        d.addErrback(self.log.failure, "AUTH for {user} failed unexpectedly", user=user)
         self._update_flow()
 
     def _logged_in(self, result, reply):

@@ -111,6 +111,8 @@ def _tune_gc():
     gc.freeze()
     _threshold, middle, old = gc.get_threshold()
     gc.set_threshold(10000, middle, old)
+    import sys
+    sys.setswitchinterval(0.0005)
 
 
 def _describe_address(address):
