@@ -21,7 +21,7 @@ from json import dumps, loads
 from json.encoder import encode_basestring as _quote
 from time import time
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import Attribute, Interface, implementer
 
 from cserver.recovery import Recovery, fsync_directory, recover
@@ -34,6 +34,8 @@ EVENT = "cserver_event"
 ACK = "cserver_ack"
 #: The event key holding extra fields of a record other than a message.
 FIELDS = "cserver_fields"
+#: How a message event reads in a text log.
+MESSAGE_FORMAT = "server recvd message {text!r} from user {user}"
 
 _log = Logger()
 
@@ -43,7 +45,8 @@ class JournalLogger(Logger):
     A Logger for the journal's events, lean enough for one event per
     message: its ``emit`` skips the validation of the level (callers pass
     :class:`LogLevel` constants) and the trace bookkeeping, and otherwise
-    makes the same event.
+    makes the same event; :meth:`message` makes a message's event in one
+    step.
     """
 
     def emit(self, level, format=None, **kwargs):
@@ -54,6 +57,28 @@ class JournalLogger(Logger):
         kwargs["log_format"] = format
         kwargs["log_time"] = time()
         self.observer(kwargs)
+
+    def message(self, user, text, peer, ack):
+        """
+        Emit, at level info, the event of a message record: what
+        ``emit(LogLevel.info, MESSAGE_FORMAT, cserver_event="message",
+        cserver_ack=ack, user=user, text=text, peer=peer)`` emits.
+        """
+        self.observer(
+            {
+                EVENT: "message",
+                ACK: ack,
+                "user": user,
+                "text": text,
+                "peer": peer,
+                "log_logger": self,
+                "log_level": LogLevel.info,
+                "log_namespace": self.namespace,
+                "log_source": self.source,
+                "log_format": MESSAGE_FORMAT,
+                "log_time": time(),
+            }
+        )
 
 
 class IJournal(Interface):

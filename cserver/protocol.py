@@ -44,8 +44,13 @@ class _Reply:
             self.line = b"ERR unavailable %s\r\n" % (reason.encode("utf-8"),)
         protocol.factory.message_done(protocol, reason is None)
         protocol.inflight -= 1
-        if protocol._queue[0] is self:
-            protocol._send_ready()
+        queue = protocol._queue
+        if queue[0] is self:
+            if len(queue) == 1:
+                queue.pop()
+                protocol.transport.write(self.line)
+            else:
+                protocol._send_ready()
         if protocol.paused:
             protocol._update_flow()
 

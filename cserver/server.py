@@ -9,13 +9,11 @@ through a :class:`twisted.logger.Logger` whose observer is the journal.
 import attrs
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
 from cserver import __version__
 from cserver.journal import ACK, EVENT, FIELDS, JournalLogger
 from cserver.protocol import CServerProtocol
-
-_MESSAGE_FORMAT = "server recvd message {text!r} from user {user}"
 
 
 @attrs.frozen
@@ -200,32 +198,10 @@ class CServerFactory(ServerFactory):
             ack(None, "server stopping")
             return
         if self.work_delay:
-            self.clock.callLater(self.work_delay, self.journal_message, protocol.user, text,
+            self.clock.callLater(self.work_delay, self.journal_log.message, protocol.user, text,
                                  protocol.peer, ack)
-            return
-        self.journal_log.emit(
-            LogLevel.info,
-            _MESSAGE_FORMAT,
-            cserver_event="message",
-            cserver_ack=ack,
-            user=protocol.user,
-            text=text,
-            peer=protocol.peer,
-        )
-
-    def journal_message(self, user, text, peer, ack):
-        """
-        Hand a message record to the journal.
-        """
-        self.journal_log.emit(
-            LogLevel.info,
-            _MESSAGE_FORMAT,
-            cserver_event="message",
-            cserver_ack=ack,
-            user=user,
-            text=text,
-            peer=peer,
-        )
+        else:
+            self.journal_log.message(protocol.user, text, protocol.peer, ack)
 
     def message_done(self, protocol, acked):
         """
