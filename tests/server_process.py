@@ -30,8 +30,9 @@ class ServerProcess:
     @ivar output: every line the server printed so far.
     """
 
-    def __init__(self, directory, *args, journal=None):
+    def __init__(self, directory, *args, journal=None, twistd=None):
         self.directory = str(directory)
+        self.twistd = twistd or twistd_command()
         self.journal = str(journal or os.path.join(self.directory, "journal.jsonl"))
         self.args = list(args)
         self.output = []
@@ -43,7 +44,7 @@ class ServerProcess:
         """
         Start the server and wait until it says it is listening.
         """
-        command = twistd_command() + [
+        command = self.twistd + [
             "-n", "--pidfile=", "cserver",
             "--port", "tcp:0:interface=127.0.0.1",
             "--journal", self.journal,
