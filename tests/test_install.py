@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_carries_the_plugin(tmp_path):
-    """The built wheel holds twisted/plugins/cserver_plugin.py and no twisted/plugins/__init__.py."""
+    """The wheel holds twisted/plugins/cserver_plugin.py and no twisted/plugins/__init__.py."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
          "--wheel-dir", str(tmp_path), str(ROOT)],
