@@ -199,14 +199,26 @@ class CServerProtocol(LineReceiver):
 
     def _msg(self, body):
         """
-        The hot path: the bytes after ``MSG `` from an authenticated client,
-        taken as :meth:`do_msg` would take them.
+        The hot path: the bytes after ``MSG `` from an authenticated client.
         """
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             self._reply(b"ERR encoding line is not valid UTF-8\r\n")
             return
+        self._take_message(text)
+
+    def do_msg(self, text):
+        if self.user is None:
+            self._reply(b"ERR noauth authenticate first\r\n")
+            return
+        self._take_message(text)
+
+    def _take_message(self, text):
+        """
+        Hand ``text`` to the factory to journal; its reply waits in the
+        queue for the journal's acknowledgement.
+        """
         if not text:
             self._reply(b"ERR syntax MSG needs a text\r\n")
             return
@@ -216,20 +228,6 @@ class CServerProtocol(LineReceiver):
         factory = self.factory
         factory.submit_message(self, text, reply)
         if self.inflight >= factory.max_pending:
-            self._update_flow()
-
-    def do_msg(self, text):
-        if self.user is None:
-            self._reply(b"ERR noauth authenticate first\r\n")
-            return
-        if not text:
-            self._reply(b"ERR syntax MSG needs a text\r\n")
-            return
-        reply = _Reply(self)
-        self._queue.append(reply)
-        self.inflight += 1
-        self.factory.submit_message(self, text, reply)
-        if self.inflight >= self.factory.max_pending:
             self._update_flow()
 
     def do_auth(self, arg):
