@@ -152,13 +152,26 @@ def run_point(start, connections, messages, args, attempts=2):
     return {"ok": False, "notes": ["the server did not start"]}
 
 
+def reproducing(argv):
+    """``argv`` without the options that only say where output goes (shown on the plot)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--results", "--svg"):
+            skip = True
+        elif not word.startswith(("--results=", "--svg=", "--no-svg")):
+            kept.append(word)
+    return kept
+
+
 def measure(args):
     """Run every point; returns the results dict (what ``--results`` saves)."""
     _servers.raise_open_files()
     results = {
         "machine": _servers.machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/scaling.py", *reproducing(sys.argv[1:])]),
         "total": args.total, "runs": args.runs, "pipeline": args.pipeline,
         "fsync": args.fsync, "work_delay": args.work_delay, "series": [],
     }

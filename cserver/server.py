@@ -64,7 +64,6 @@ class CServerFactory(ServerFactory):
         self.limits = limits
         self.max_line = limits.max_line
         self.max_pending = limits.max_pending
-        self.auth_timeout = limits.auth_timeout
         self.work_delay = limits.work_delay
         recovery = journal.recovery
         self.total = recovery.messages
