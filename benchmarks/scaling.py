@@ -413,7 +413,7 @@ def main(argv=None):
     rows = summarize(results)
     print(f"scaling: {results['machine']}, {results['date']}; closed loop, pipeline "
           f"{results['pipeline']}, at least {results['total']:,} MSGs per point, "
-          f"median of {results['runs']} runs")
+          + (f"median of {results['runs']} runs" if results["runs"] > 1 else "one run"))
     print(f"command: {results['command']}")
     print()
     print(rst_table(rows))

@@ -67,15 +67,15 @@ def test_restart_continues_seq_and_counts(server, tmp_path):
     assert seqs == list(range(1, len(seqs) + 1))
 
 
-def test_sigterm_acks_inflight_messages(server):
-    """SIGTERM with a MSG in service: the MSG is acked, a stop record follows, exit 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_acks_inflight_messages(server, sig):
+    """SIGTERM or SIGINT with a MSG in service: the MSG is acked, a stop record follows, exit 0."""
     process = server("--work-delay", "1")
     client = process.connect()
     client.request("AUTH alice")
     client.send("MSG slow one")
-    process.wait_for("CServerService.*listening", 0.1)
     _wait_inflight(process)
-    process.process.send_signal(signal.SIGTERM)
+    process.process.send_signal(sig)
     assert client.read_line() == "OK 2"
     assert process.process.wait(20) == 0
     records = read_journal(process.journal)
@@ -86,10 +86,13 @@ def _wait_inflight(process):
     """Wait (by asking the server) until a MSG is in flight."""
     probe = process.connect()
     probe.request("AUTH bob")
-    for _ in range(200):
-        if probe.stats()["inflight"] != "0":
-            break
-    probe.close()
+    try:
+        for _ in range(1000):
+            if probe.stats()["inflight"] != "0":
+                return
+        raise AssertionError("the MSG never showed as in flight")
+    finally:
+        probe.close()
 
 
 def test_kill_9_under_load_loses_no_acked_message(server):
