@@ -29,13 +29,25 @@ class IUsername(ICredentials):
 
 
 @implementer(IUsername)
-@attrs.frozen
 class Username:
     """
-    Credentials that name a user and prove nothing else.
+    Credentials that name a user and prove nothing else.  (A plain class:
+    one is made per AUTH.)
     """
 
-    username: str
+    __slots__ = ("username",)
+
+    def __init__(self, username):
+        self.username = username
+
+    def __eq__(self, other):
+        return isinstance(other, Username) and other.username == self.username
+
+    def __hash__(self):
+        return hash(self.username)
+
+    def __repr__(self):
+        return f"Username({self.username!r})"
 
 
 class IUser(Interface):

@@ -239,50 +239,48 @@ class CServerProtocol(LineReceiver):
             self._reply(b"ERR syntax AUTH needs a user name\r\n")
             return
         factory = self.factory
-        portal = factory.portal
         credentials = credentials_for(factory.portal_interfaces, user, password or None)
         if credentials is None:
             self._auth_failed(user, b"ERR auth a password is required\r\n")
             return
-        reply = _Reply(self)
-        self._queue.append(reply)
+        # Nothing can be owed before AUTH succeeds (only MSGs wait, and they
+        # need a user), and no line is read while a login is under way, so
+        # the reply is written straight away when the login ends.
         self._awaiting_auth = True
-        d = portal.login(credentials, None, IUser)
-        d.addCallbacks(self._logged_in, self._login_failed, (reply,), None, (reply, user))
-        self._update_flow()
+        d = factory.portal.login(credentials, None, IUser)
+        d.addCallbacks(self._logged_in, self._login_failed, None, None, (user,))
+        if self._awaiting_auth:
+            self._update_flow()
 
-    def _logged_in(self, result, reply):
+    def _logged_in(self, result):
         _interface, avatar, _logout = result
         self._awaiting_auth = False
         if self._closing:
             return
         self.user = avatar.name
-        reply.line = b"OK %s\r\n" % (avatar.name.encode("utf-8"),)
-        self._send_ready()
-        self._update_flow()
+        self._reply(b"OK %s\r\n" % (avatar.name.encode("utf-8"),))
+        if self.paused:
+            self._update_flow()
 
-    def _login_failed(self, failure, reply, user):
+    def _login_failed(self, failure, user):
         self._awaiting_auth = False
         if not failure.check(UnauthorizedLogin):
             self.log.failure("AUTH for {user} failed unexpectedly", failure, user=user)
         if not self._closing:
-            self._auth_failed(user, b"ERR auth wrong user or password\r\n", reply)
-            self._update_flow()
+            self._auth_failed(user, b"ERR auth wrong user or password\r\n")
+            if self.paused:
+                self._update_flow()
 
-    def _auth_failed(self, user, line, reply=None):
+    def _auth_failed(self, user, line):
         """
         Count and journal a failed AUTH; the third on a connection closes it.
         """
         self._auth_failures += 1
         self.factory.auth_failed(self, user)
-        if reply is None:
-            reply = _Reply(self)
-            self._queue.append(reply)
-        reply.line = line
         if self._auth_failures >= MAX_AUTH_FAILURES:
-            reply.close = True
-            self._closing = True
-        self._send_ready()
+            self._close_with(line)
+        else:
+            self._reply(line)
 
     def do_stats(self):
         stats = self.factory.stats(self)
