@@ -17,6 +17,8 @@ back at start.
 
 import errno
 import os
+import threading
+from collections import deque
 from json import dumps, loads
 from json.encoder import encode_basestring as _quote
 from time import time
@@ -113,15 +115,15 @@ class _BatchingJournal:
     subclasses provide with ``_append(data)``, ``_sync()`` and
     ``_truncate(size)``.
 
-    With ``fsync="always"`` and a ``run_sync`` (a callable that runs a
-    function off the reactor thread and returns a Deferred), the sync runs in
-    a thread: the reactor goes on reading requests and writing the next batch
-    while the disk syncs the last, and one sync then covers every batch
-    written meanwhile.  Without ``run_sync`` the sync runs inline.
+    With ``fsync="always"`` a *syncer* makes written batches durable: by
+    default :class:`InlineSyncer`, which syncs at once in the reactor thread;
+    :class:`SyncThread` syncs in a thread of its own, so the reactor goes on
+    reading requests and writing the next batch while the disk syncs, and
+    one sync covers every batch written meanwhile.
     """
 
     def __init__(self, clock, last_seq=0, size=0, fsync="always", sync_interval=1.0,
-                 run_sync=None):
+                 syncer=None):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         self._clock = clock
@@ -136,10 +138,10 @@ class _BatchingJournal:
         self._sync_call = None
         self._closed = False
         self._closing = False
-        self._run_sync = run_sync
-        self._syncing = False
-        self._unsynced = []
-        self._unsynced_from = None
+        # Batches written and not yet durable: (first_seq, last_seq, start, acks).
+        self._unsynced = deque()
+        self._syncer = syncer or InlineSyncer()
+        self._syncer.bind(self._sync, self._durable, self._sync_failed)
         self._pid = os.getpid()
         self._quoted = {}
         if fsync == "interval":
@@ -244,65 +246,40 @@ class _BatchingJournal:
             self._dirty = True
             _succeed(acks)
             return
-        if not self._unsynced:
-            self._unsynced_from = (start, first_seq)
-        self._unsynced.extend(acks)
-        if not self._syncing:
-            self._start_sync()
+        self._unsynced.append((first_seq, self.last_seq, start, acks))
+        self._syncer.request(self.last_seq)
 
-    def _start_sync(self):
+    def _durable(self, seq):
         """
-        Sync everything written so far; acknowledge it once that is done.
-        Writes that come while a sync runs wait for the next one.
+        Everything up to ``seq`` is synced: acknowledge it.
         """
-        acks, self._unsynced = self._unsynced, []
-        start, first_seq = self._unsynced_from
-        if self._run_sync is None:
-            try:
-                self._sync()
-            except OSError as e:
-                self._sync_failed(e, acks, start, first_seq)
-                return
-            _succeed(acks)
-            return
-        self._syncing = True
-        d = self._run_sync(self._sync)
-        d.addCallbacks(
-            self._synced, self._thread_sync_failed, (acks,), None, (acks, start, first_seq)
-        )
-
-    def _synced(self, _result, acks):
-        self._syncing = False
-        _succeed(acks)
-        if self._unsynced:
-            self._start_sync()
-        elif self._closing:
+        unsynced = self._unsynced
+        while unsynced and unsynced[0][1] <= seq:
+            _succeed(unsynced.popleft()[3])
+        if self._closing and not unsynced:
             self._finish_close()
 
-    def _thread_sync_failed(self, failure, acks, start, first_seq):
-        self._syncing = False
-        if not isinstance(failure.value, OSError):
-            _log.failure("journal: sync failed unexpectedly", failure)
-            error = OSError(0, repr(failure.value))
-        else:
-            error = failure.value
-        self._sync_failed(error, acks, start, first_seq)
-        if self._closing:
-            self._finish_close()
-
-    def _sync_failed(self, error, acks, start, first_seq):
+    def _sync_failed(self, seq, error):
         """
         An fsync failed: what it covered cannot be trusted to be on disk.
-        Cut it off (best effort), refuse it, and refuse everything after.
+        Cut off (best effort) and refuse everything not yet acknowledged,
+        and refuse every record after.
         """
-        acks = acks + self._unsynced
-        self._unsynced = []
+        if not isinstance(error, OSError):
+            _log.error("journal: sync failed unexpectedly: {error!r}", error=error)
+            error = OSError(0, repr(error))
         reason = f"fsync failed: {_describe(error)}"
-        self._undo(start, first_seq, reason)
-        self.size = start
+        unsynced, self._unsynced = self._unsynced, deque()
+        if unsynced:
+            first_seq, _last_seq, start, _acks = unsynced[0]
+            self._undo(start, first_seq, reason)
+            self.size = start
         self.broken = self.broken or reason
         _log.critical("journal: {reason}; no more records are taken until restart", reason=reason)
-        _fail(acks, reason)
+        for _first, _last, _start, acks in unsynced:
+            _fail(acks, reason)
+        if self._closing:
+            self._finish_close()
 
     def _undo(self, start, first_seq, reason):
         """
@@ -342,13 +319,14 @@ class _BatchingJournal:
             # An ack may emit the next record (a pipelined MSG): take it too.
             self.flush()
         self._closed = True
-        if self._syncing:
+        if self._unsynced:
             self._closing = True
             return
         self._finish_close()
 
     def _finish_close(self):
         self._closing = False
+        self._syncer.stop()
         self.sync()
         if self._sync_call is not None and self._sync_call.active():
             self._sync_call.cancel()
@@ -357,6 +335,92 @@ class _BatchingJournal:
 
     def _release(self):
         pass
+
+
+class InlineSyncer:
+    """
+    Sync each written batch at once, in the reactor thread.
+
+    A syncer is bound to a journal's ``sync()``, ``durable(seq)`` and
+    ``failed(seq, error)``; the journal calls ``request(seq)`` when it is
+    written up to ``seq`` and ``stop()`` when it closes.
+    """
+
+    def bind(self, sync, durable, failed):
+        self._sync = sync
+        self._durable = durable
+        self._failed = failed
+
+    def request(self, seq):
+        """
+        The journal is written up to ``seq``: make it durable.
+        """
+        try:
+            self._sync()
+        except OSError as e:
+            self._failed(seq, e)
+            return
+        self._durable(seq)
+
+    def stop(self):
+        pass
+
+
+class SyncThread:
+    """
+    Sync in a thread of its own: while the file is written further than it
+    is synced, fdatasync again, and report through the reactor how far is
+    durable.  The reactor never waits for the disk, and no sync waits for the
+    reactor to hear of the one before it.  The thread starts with the first
+    request (so after twistd has daemonized) and ends at ``stop()``.
+
+    @param call_from_thread: ``reactor.callFromThread``.
+    """
+
+    def __init__(self, call_from_thread):
+        self._call_from_thread = call_from_thread
+        self._condition = threading.Condition()
+        self._wanted = 0
+        self._stopping = False
+        self._thread = None
+
+    def bind(self, sync, durable, failed):
+        self._sync = sync
+        self._durable = durable
+        self._failed = failed
+
+    def request(self, seq):
+        with self._condition:
+            self._wanted = seq
+            self._condition.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cserver-journal-sync",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self):
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+    def _run(self):
+        done = 0
+        while True:
+            with self._condition:
+                while self._wanted == done and not self._stopping:
+                    self._condition.wait()
+                if self._wanted == done:
+                    return
+                target = self._wanted
+            try:
+                self._sync()
+            except BaseException as e:  # reported, and the journal refuses from now on
+                self._call_from_thread(self._failed, target, e)
+                return
+            done = target
+            self._call_from_thread(self._durable, target)
 
 
 def _call(ack, seq, reason):
@@ -402,21 +466,21 @@ class FileJournal(_BatchingJournal):
     _os_ftruncate = staticmethod(os.ftruncate)
 
     def __init__(self, path, fd, recovery, clock, fsync="always", sync_interval=1.0,
-                 run_sync=None):
+                 syncer=None):
         super().__init__(
             clock,
             last_seq=recovery.last_seq,
             size=recovery.size,
             fsync=fsync,
             sync_interval=sync_interval,
-            run_sync=run_sync,
+            syncer=syncer,
         )
         self.path = path
         self.recovery = recovery
         self._fd = fd
 
     @classmethod
-    def open(cls, path, clock, fsync="always", sync_interval=1.0, run_sync=None):
+    def open(cls, path, clock, fsync="always", sync_interval=1.0, syncer=None):
         """
         Recover the journal at ``path`` (creating it, durably, if it does not
         exist) and open it for appending.
@@ -436,7 +500,7 @@ class FileJournal(_BatchingJournal):
             os.close(fd)
             raise
         return cls(path, fd, recovery, clock, fsync=fsync, sync_interval=sync_interval,
-                   run_sync=run_sync)
+                   syncer=syncer)
 
     def _append(self, data):
         view = memoryview(data)

@@ -107,11 +107,10 @@ def makeService(config):
     """
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.threads import deferToThreadPool
     from twisted.logger import Logger
 
     from cserver.auth import allow_list_portal, password_portal
-    from cserver.journal import FileJournal
+    from cserver.journal import FileJournal, SyncThread
     from cserver.recovery import JournalDamaged
     from cserver.server import CServerFactory, Limits
     from cserver.service import CServerService
@@ -137,7 +136,7 @@ def makeService(config):
             config["journal"],
             reactor,
             fsync=config["fsync"],
-            run_sync=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+            syncer=SyncThread(reactor.callFromThread),
         )
     except JournalDamaged as e:
         raise SystemExit(f"cserver: {e}") from None

@@ -16,12 +16,19 @@ from contextlib import suppress
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
-from cserver.journal import ACK, EVENT, FIELDS, FileJournal, IJournal, MemoryJournal
+from cserver.journal import (
+    ACK,
+    EVENT,
+    FIELDS,
+    FileJournal,
+    IJournal,
+    MemoryJournal,
+    SyncThread,
+)
 from cserver.recovery import Recovery, recover
 
 HEAD = ["seq", "time", "event", "pid"]
@@ -115,28 +122,45 @@ class Syscalls:
         return sum(1 for entry in self.log if entry[0] == name)
 
 
-class ManualThread:
+class ManualSyncer:
     """
-    A ``run_sync`` whose thread is the test: each sync waits in ``pending``
-    until :meth:`finish` runs it and fires its Deferred.
+    A syncer whose thread is the test: requests are remembered, and each
+    :meth:`finish` runs one sync up to what was requested, the way
+    :class:`cserver.journal.SyncThread` does.
     """
 
     def __init__(self):
-        self.pending = []
+        self.wanted = 0
+        self.done = 0
+        self.stopped = False
 
-    def __call__(self, function):
-        d = Deferred()
-        self.pending.append((function, d))
-        return d
+    def bind(self, sync, durable, failed):
+        self._sync = sync
+        self._durable = durable
+        self._failed = failed
 
-    def finish(self):
-        function, d = self.pending.pop(0)
+    def request(self, seq):
+        self.wanted = seq
+
+    def stop(self):
+        self.stopped = True
+
+    @property
+    def pending(self):
+        return self.wanted != self.done
+
+    def finish(self, target=None):
+        """
+        One sync, up to ``target`` (by default, all that was requested).
+        """
+        target = self.wanted if target is None else target
         try:
-            result = function()
+            self._sync()
         except BaseException as e:
-            d.errback(e)
-        else:
-            d.callback(result)
+            self._failed(target, e)
+            return
+        self.done = target
+        self._durable(target)
 
 
 def message(journal, ack=None, user="alice", text="hello", peer="tcp:127.0.0.1:40000",
@@ -751,65 +775,65 @@ def test_broken_says_when_the_truncate_after_a_failed_sync_failed_too(open_journ
     assert "truncate failed" in journal.broken
 
 
-# -- sync in a thread (run_sync) ------------------------------------------------
+# -- sync in a thread (syncer) -------------------------------------------------
 
 
 def test_threaded_sync_acks_when_the_sync_is_done(open_journal, clock):
-    """With run_sync, acks wait for the thread's fdatasync and come after it."""
-    thread = ManualThread()
-    journal = open_journal(run_sync=thread)
+    """With a threaded syncer, acks wait for its fdatasync and come after it."""
+    syncer = ManualSyncer()
+    journal = open_journal(syncer=syncer)
     log = []
     Syscalls(journal, log)
     acks = Acks(log)
     message(journal, acks)
     message(journal, acks)
     clock.advance(0)
-    assert [entry[0] for entry in log] == ["write"] and len(thread.pending) == 1
-    thread.finish()
+    assert [entry[0] for entry in log] == ["write"] and syncer.wanted == 2
+    syncer.finish()
     assert [entry[0] for entry in log] == ["write", "fdatasync", "ack", "ack"]
     assert acks.seqs == [1, 2]
 
 
 def test_threaded_sync_covers_every_batch_written_meanwhile(open_journal, clock, path):
     """Batches written while a sync runs are acked together after one next sync."""
-    thread = ManualThread()
-    journal = open_journal(run_sync=thread)
+    syncer = ManualSyncer()
+    journal = open_journal(syncer=syncer)
     calls = Syscalls(journal)
     acks = Acks()
     message(journal, acks)
     clock.advance(0)
+    first = syncer.wanted
     for _ in range(3):
         message(journal, acks)
         clock.advance(0)
-    assert calls.count("write") == 4 and len(thread.pending) == 1
-    thread.finish()
-    assert acks.seqs == [1] and len(thread.pending) == 1
-    thread.finish()
+    assert calls.count("write") == 4 and syncer.wanted == 4
+    syncer.finish(first)
+    assert acks.seqs == [1] and syncer.pending
+    syncer.finish()
     assert acks.seqs == [1, 2, 3, 4]
-    assert calls.count("fdatasync") == 2 and thread.pending == []
+    assert calls.count("fdatasync") == 2 and not syncer.pending
     assert [r["seq"] for r in read_records(path)] == [1, 2, 3, 4]
 
 
 def test_threaded_sync_failure_fails_everything_unsynced(open_journal, clock, path):
     """A failed threaded sync refuses its batch and the batches written meanwhile, cuts them
     off, and breaks the journal."""
-    thread = ManualThread()
-    journal = open_journal(run_sync=thread)
+    syncer = ManualSyncer()
+    journal = open_journal(syncer=syncer)
     calls = Syscalls(journal)
     acks = Acks()
     message(journal, acks, text="kept")
     clock.advance(0)
-    thread.finish()
+    syncer.finish()
     good = open(path, "rb").read()
     message(journal, acks)
     clock.advance(0)
     message(journal, acks)
     clock.advance(0)
     calls.sync_error = OSError(errno.EIO, "Input/output error")
-    thread.finish()
+    syncer.finish()
     assert acks.seqs == [1, None, None]
     assert journal.broken.startswith("fsync failed: EIO")
-    assert thread.pending == []
     assert open(path, "rb").read() == good
     message(journal, acks)
     assert acks.calls[-1] == (None, journal.broken)
@@ -817,33 +841,77 @@ def test_threaded_sync_failure_fails_everything_unsynced(open_journal, clock, pa
 
 def test_threaded_sync_unexpected_exception_breaks_the_journal(open_journal, clock):
     """A non-OSError from the sync thread is treated as a failed fsync."""
-    journal = open_journal(run_sync=lambda function: _failed_deferred(RuntimeError("boom")))
+    syncer = ManualSyncer()
+    journal = open_journal(syncer=syncer)
+    journal._os_fdatasync = lambda fd: _raise(RuntimeError("boom"))
     acks = Acks()
     message(journal, acks)
     clock.advance(0)
+    syncer.finish()
     assert acks.seqs == [None]
     assert journal.broken.startswith("fsync failed")
 
 
-def _failed_deferred(error):
-    d = Deferred()
-    d.errback(error)
-    return d
-
-
 def test_close_waits_for_a_running_threaded_sync(open_journal, clock):
     """close() during a threaded sync finishes once the sync is done, acking its records."""
-    thread = ManualThread()
-    journal = open_journal(run_sync=thread)
+    syncer = ManualSyncer()
+    journal = open_journal(syncer=syncer)
     acks = Acks()
     message(journal, acks)
     clock.advance(0)
     journal.close()
-    assert acks.calls == []
-    thread.finish()
+    assert acks.calls == [] and not syncer.stopped
+    syncer.finish()
     assert acks.calls == [(1, None)]
+    assert syncer.stopped
     message(journal, acks)
     assert acks.calls[-1] == (None, "journal closed")
+
+
+def test_sync_thread_syncs_in_its_own_thread(open_journal, clock, path):
+    """SyncThread runs fdatasync off the calling thread and reports through call_from_thread."""
+    import queue
+    import threading
+
+    reports = queue.Queue()
+    syncer = SyncThread(lambda f, *args: reports.put((f, args)))
+    journal = open_journal(syncer=syncer)
+    threads = []
+    real_sync = journal._os_fdatasync
+    journal._os_fdatasync = lambda fd: (threads.append(threading.current_thread()),
+                                        real_sync(fd))
+    acks = Acks()
+    for _ in range(3):
+        message(journal, acks)
+        clock.advance(0)
+    while acks.seqs != [1, 2, 3]:
+        f, args = reports.get(timeout=10)
+        f(*args)
+    assert threads and threading.current_thread() not in threads
+    journal.close()
+    assert not syncer._thread.is_alive()
+    assert [r["seq"] for r in read_records(path)] == [1, 2, 3]
+
+
+def test_sync_thread_reports_a_failed_sync(open_journal, clock):
+    """A sync that fails in the thread is reported, and the journal refuses from then on."""
+    import queue
+
+    reports = queue.Queue()
+    syncer = SyncThread(lambda f, *args: reports.put((f, args)))
+    journal = open_journal(syncer=syncer)
+    journal._os_fdatasync = lambda fd: _raise(OSError(errno.EIO, "Input/output error"))
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    f, args = reports.get(timeout=10)
+    f(*args)
+    assert acks.seqs == [None]
+    assert journal.broken.startswith("fsync failed: EIO")
+
+
+def _raise(error):
+    raise error
 
 
 # -- close -------------------------------------------------------------------------
