@@ -75,6 +75,42 @@ def machine():
     return f"{os.cpu_count()} x {model}"
 
 
+def stats(port, user, password=None, timeout=10.0):
+    """
+    The STATS of the cserver on loopback ``port``, as a dict (integer values as ``int``).
+
+    One plain socket: read the greeting, ``AUTH user[ password]``, ``STATS``,
+    ``QUIT`` (waiting for its ``OK bye``).  An ``ERR`` or an unexpected line
+    raises RuntimeError; a silent server, OSError after ``timeout`` seconds.
+    """
+    with (socket.create_connection(("127.0.0.1", port), timeout=timeout) as s,
+          s.makefile("rb") as replies):
+
+        def reply(expected):
+            line = replies.readline().decode("utf-8", "replace").rstrip("\r\n")
+            if not line.startswith(expected + " "):
+                raise RuntimeError(f"STATS on port {port}: got {line!r}, wanted {expected}")
+            return line[len(expected) + 1:]
+
+        reply("HELLO")
+        s.sendall(f"AUTH {user}".encode() + (f" {password}".encode() if password else b"")
+                  + b"\r\n")
+        reply("OK")
+        s.sendall(b"STATS\r\n")
+        data = reply("OK")
+        s.sendall(b"QUIT\r\n")
+        reply("OK")
+    values = {}
+    for word in data.split():
+        key, sep, value = word.partition("=")
+        if sep:
+            try:
+                values[key] = int(value)
+            except ValueError:
+                values[key] = value
+    return values
+
+
 class ServerProcess:
     """
     A server in a child process on 127.0.0.1, its output read by a thread.
