@@ -59,13 +59,24 @@ class IUser(Interface):
 
 
 @implementer(IUser)
-@attrs.frozen
 class User:
     """
-    An authenticated user.
+    An authenticated user.  (A plain class: one is made per AUTH.)
     """
 
-    name: str
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __eq__(self, other):
+        return isinstance(other, User) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __repr__(self):
+        return f"User({self.name!r})"
 
 
 @implementer(ICredentialsChecker)

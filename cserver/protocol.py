@@ -300,19 +300,28 @@ class CServerProtocol(LineReceiver):
         Stop taking lines; send ``line`` after every reply owed, then close.
         """
         self._closing = True
-        self._queue.append(_Reply(self, line, close=True))
-        self._send_ready()
+        if self._queue:
+            self._queue.append(_Reply(self, line, close=True))
+            self._send_ready()
+        else:
+            self._write_and_close(line)
 
     def _send_ready(self):
         queue = self._queue
         write = self.transport.write
         while queue and queue[0].line is not None:
             reply = queue.popleft()
-            write(reply.line)
             if reply.close:
-                self.transport.unregisterProducer()
-                self.transport.loseConnection()
                 queue.clear()
+                self._write_and_close(reply.line)
+            else:
+                write(reply.line)
+
+    def _write_and_close(self, line):
+        transport = self.transport
+        transport.write(line)
+        transport.unregisterProducer()
+        transport.loseConnection()
 
     # -- flow control -------------------------------------------------------
 
