@@ -9,7 +9,8 @@ written (then it is not in the journal).
 
 Records are batched per reactor turn (group commit): every record taken
 during one turn goes out in one ``write(2)`` and, with ``fsync="always"``,
-one ``fdatasync(2)`` before any of them is acknowledged.
+is acknowledged only after an ``fdatasync(2)`` that started after that write
+(one sync often covers several batches).
 
 Nothing here knows about sockets; :mod:`cserver.recovery` reads a journal
 back at start.
@@ -439,6 +440,7 @@ def _fail(acks, reason):
 
 
 def _succeed(acks):
+    # _call, inlined: this runs once per acknowledged message.
     for seq, ack in acks:
         try:
             ack(seq, None)
