@@ -1,4 +1,6 @@
-"""Servers for the benchmark scripts: cserver under twistd, the Twisted floor, the C reference.
+"""What the benchmark scripts share: the servers they run (cserver under twistd,
+the Twisted floor, the C reference), one ``cserver-client bench`` run, and the
+reStructuredText tables they print.
 
 Each server runs as a child process on a loopback port.  Use it as a context
 manager: the ``with`` block is entered once the server answers, and on leaving
@@ -7,6 +9,7 @@ within a grace period.  Not a benchmark itself; the scripts next to it import it
 """
 
 import getpass
+import json
 import os
 import queue
 import re
@@ -243,3 +246,52 @@ def reference(exe, directory, sync=True):
     journal = os.path.join(directory, "ref.jsonl")
     command = [exe, port, "-s" if sync else "nosync", journal]
     return ServerProcess("refsrv", command, port=port, cwd=directory)
+
+
+def run_bench(port, user, options, timeout):
+    """
+    One ``cserver-client bench ... --json`` run against loopback ``port``; its
+    report, with ``ok`` False on any failure and ``notes`` saying why.
+    """
+    command = [executable("cserver-client"), "bench", "--port", str(port), "--user", user,
+               *options, "--json"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "notes": [f"bench killed after {timeout:g} s"]}
+    lines = done.stdout.strip().splitlines()
+    try:
+        report = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        return {"ok": False, "notes": [f"bench exit {done.returncode}, no report: {tail}"]}
+    report["ok"] = bool(report.get("ok")) and done.returncode == 0
+    if done.returncode:
+        report.setdefault("notes", []).append(f"bench exit {done.returncode}")
+    return report
+
+
+def reproducing(argv, output_options):
+    """``argv`` without the ``output_options`` (and their values): what reruns the measurement."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in output_options:
+            skip = True
+        elif not word.startswith(tuple(f"{option}=" for option in output_options)):
+            kept.append(word)
+    return kept
+
+
+def rst_table(head, body, left=(0,)):
+    """A reStructuredText simple table; the columns in ``left`` flush left, others right."""
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    rule = "  ".join("=" * w for w in widths)
+
+    def line(cells):
+        out = [c.ljust(w) if i in left else c.rjust(w)
+               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([rule, line(head), rule, *(line(b) for b in body), rule])

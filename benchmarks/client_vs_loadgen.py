@@ -12,7 +12,6 @@ most 2x the C generator's for 1000 x 1; bench msg/s at least 0.6x for
 """
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _servers import cserver, executable  # noqa: E402
+import _servers  # noqa: E402
 
 
 def run_loadgen(loadgen, port, connections, messages, user):
@@ -36,12 +35,9 @@ def run_loadgen(loadgen, port, connections, messages, user):
 
 
 def run_bench(port, connections, messages, user):
-    out = subprocess.run(
-        [executable("cserver-client"), "bench", "--port", str(port), "--user", user,
-         "-c", str(connections), "-n", str(messages), "--json"],
-        capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
-    report = json.loads(out.strip().splitlines()[-1])
+    report = _servers.run_bench(port, user, ["-c", str(connections), "-n", str(messages)], 300)
+    if not report["ok"]:
+        sys.exit(f"client_vs_loadgen: bench failed: {report.get('notes')}")
     return float(report["total_ms"]), float(report["msg_per_s"])
 
 
@@ -58,7 +54,7 @@ def main():
         loadgen = os.path.join(work, "loadgen")
         subprocess.run(["gcc", "-O2", "-o", loadgen, os.path.join(args.kit, "loadgen.c")],
                        check=True)
-        with cserver(work, user=args.user) as server:
+        with _servers.cserver(work, user=args.user) as server:
             for connections, messages in ((1000, 1), (1000, 50)):
                 rows = {"C loadgen": [], "cserver-client bench": []}
                 for _ in range(args.runs):

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -116,22 +115,9 @@ def make_series(args, directory):
 
 def bench(port, connections, messages, args):
     """One ``cserver-client bench --json`` run; its report (``ok`` False on any failure)."""
-    command = [
-        sys.executable, "-m", "cserver.client", "bench", "--port", str(port),
-        "--user", args.user, "-c", str(connections), "-n", str(messages),
-        "-d", str(args.pipeline), "--timeout", "30", "--json",
-    ]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "notes": [f"bench killed after {args.timeout:g} s"]}
-    lines = done.stdout.strip().splitlines()
-    try:
-        report = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        return {"ok": False, "notes": [f"bench exit {done.returncode}: {done.stderr.strip()}"]}
-    report["ok"] = report.get("ok", False) and done.returncode == 0
-    return report
+    options = ["-c", str(connections), "-n", str(messages), "-d", str(args.pipeline),
+               "--timeout", "30"]
+    return _servers.run_bench(port, args.user, options, args.timeout)
 
 
 def run_point(start, connections, messages, args, attempts=2):
@@ -154,15 +140,8 @@ def run_point(start, connections, messages, args, attempts=2):
 
 def reproducing(argv):
     """``argv`` without the options that only say where output goes (shown on the plot)."""
-    kept, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word in ("--results", "--svg"):
-            skip = True
-        elif not word.startswith(("--results=", "--svg=", "--no-svg")):
-            kept.append(word)
-    return kept
+    return [word for word in _servers.reproducing(argv, ("--results", "--svg"))
+            if word != "--no-svg"]
 
 
 def measure(args):
@@ -240,15 +219,7 @@ def rst_table(rows):
         cell(row, "peak", "{:,}"), cell(row, "vs_floor", "{:.2f}x"),
         cell(row, "vs_c", "{:.2f}x"), f"{row['good']}/{row['runs']}",
     ] for row in sorted(rows, key=lambda r: (r["connections"]))]
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    rule = "  ".join("=" * w for w in widths)
-
-    def line(cells):
-        rest = zip(cells[1:], widths[1:], strict=True)
-        out = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in rest]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([rule, line(head), rule, *(line(b) for b in body), rule])
+    return _servers.rst_table(head, body)
 
 
 # -- the plot -----------------------------------------------------------------------------

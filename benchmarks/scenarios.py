@@ -42,7 +42,6 @@ import getpass
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -116,15 +115,8 @@ def parse_args(argv=None):
 
 
 def reproducing(argv):
-    """``argv`` without the options that only say where results go or come from."""
-    kept, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word in ("--results", "--from-results"):
-            skip = True
-        elif not word.startswith(("--results=", "--from-results=")):
-            kept.append(word)
+    """The command that reruns this measurement."""
+    kept = _servers.reproducing(argv, ("--results", "--from-results"))
     return " ".join(["python benchmarks/scenarios.py", *kept])
 
 
@@ -141,22 +133,7 @@ def bench_command(options, user, port="PORT"):
 
 def bench(port, options, args):
     """One bench run; its JSON report, ``ok`` False on any failure, ``notes`` saying why."""
-    command = bench_command(options, args.user, port)
-    command[0] = _servers.executable("cserver-client")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "notes": [f"bench killed after {args.timeout:g} s"]}
-    lines = done.stdout.strip().splitlines()
-    try:
-        report = json.loads(lines[-1])
-    except (IndexError, ValueError):
-        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-        return {"ok": False, "notes": [f"bench exit {done.returncode}, no report: {tail}"]}
-    report["ok"] = bool(report.get("ok")) and done.returncode == 0
-    if done.returncode:
-        report.setdefault("notes", []).append(f"bench exit {done.returncode}")
-    return report
+    return _servers.run_bench(port, args.user, options, args.timeout)
 
 
 def run_row(number, args, attempts=2):
@@ -299,15 +276,7 @@ def rst_table(summaries):
         cell(s, "msg_per_s", "{:,.0f}"), cell(s, "p50", "{:,.2f}"), cell(s, "p99", "{:,.2f}"),
         cell(s, "inflight_peak", "{:,}"), f"{s['good']}/{s['runs']}",
     ] for s in summaries]
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    rule = "  ".join("=" * w for w in widths)
-
-    def line(cells):
-        out = [c.ljust(w) if i in left else c.rjust(w)
-               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([rule, line(head), rule, *(line(b) for b in body), rule])
+    return _servers.rst_table(head, body, left)
 
 
 def main(argv=None):
