@@ -29,25 +29,13 @@ class IUsername(ICredentials):
 
 
 @implementer(IUsername)
+@attrs.define
 class Username:
     """
-    Credentials that name a user and prove nothing else.  (A plain class:
-    one is made per AUTH.)
+    Credentials that name a user and prove nothing else.
     """
 
-    __slots__ = ("username",)
-
-    def __init__(self, username):
-        self.username = username
-
-    def __eq__(self, other):
-        return isinstance(other, Username) and other.username == self.username
-
-    def __hash__(self):
-        return hash(self.username)
-
-    def __repr__(self):
-        return f"Username({self.username!r})"
+    username: str
 
 
 class IUser(Interface):
@@ -59,24 +47,13 @@ class IUser(Interface):
 
 
 @implementer(IUser)
+@attrs.define
 class User:
     """
-    An authenticated user.  (A plain class: one is made per AUTH.)
+    An authenticated user.
     """
 
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        self.name = name
-
-    def __eq__(self, other):
-        return isinstance(other, User) and other.name == self.name
-
-    def __hash__(self):
-        return hash(self.name)
-
-    def __repr__(self):
-        return f"User({self.name!r})"
+    name: str
 
 
 @implementer(ICredentialsChecker)
