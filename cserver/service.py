@@ -5,7 +5,6 @@ stop listening, answer every MSG in flight, journal the ``stop`` record,
 close the journal.
 """
 
-import gc
 import signal
 
 from twisted.application.service import Service
@@ -37,7 +36,6 @@ class CServerService(Service):
 
     def startService(self):
         super().startService()
-        _tune_gc()
         journal = self.factory.journal
         recovery = journal.recovery
         if recovery.torn_bytes:
@@ -98,21 +96,6 @@ class CServerService(Service):
             served=self.factory.served,
             total=self.factory.total,
         )
-
-
-def _tune_gc():
-    """
-    Move everything loaded at start out of the collector's sight and collect
-    the young generation less often: each MSG allocates a few short-lived
-    objects, and the default threshold (700) collects every few hundred
-    messages.
-    """
-    gc.collect()
-    gc.freeze()
-    _threshold, middle, old = gc.get_threshold()
-    gc.set_threshold(10000, middle, old)
-    import sys
-    sys.setswitchinterval(0.0005)
 
 
 def _describe_address(address):

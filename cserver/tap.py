@@ -1,7 +1,9 @@
 """``twistd cserver``: the command-line options and the service they make."""
 
+import gc
 import getpass
 import resource
+import sys
 
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
@@ -148,4 +150,23 @@ def makeService(config):
         portal = allow_list_portal(config["user_list"])
     factory = CServerFactory(journal, portal, reactor, limits)
     endpoint = serverFromString(reactor, config["port"])
-    return CServerService(factory, endpoint, reactor, exit_cleanly=True)
+    service = CServerService(factory, endpoint, reactor, exit_cleanly=True)
+    tune_interpreter()
+    return service
+
+
+def tune_interpreter():
+    """
+    Settings for a process that serves many small requests:
+
+    - everything loaded at start moves out of the collector's sight
+      (``gc.freeze``), and the young generation is collected every 10,000
+      allocations instead of 700 -- each MSG makes a few short-lived objects;
+    - a thread waiting for the interpreter lock (the journal's sync thread,
+      done with an fdatasync) gets it within 0.5 ms instead of 5 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    _threshold, middle, old = gc.get_threshold()
+    gc.set_threshold(10000, middle, old)
+    sys.setswitchinterval(0.0005)

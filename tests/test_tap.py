@@ -1,7 +1,9 @@
 """Tests for cserver.tap and the twistd plugin: options, service, discovery."""
 
+import gc
 import getpass
 import resource
+import sys
 
 import pytest
 from twisted.application.service import IServiceMaker
@@ -10,6 +12,16 @@ from twisted.python.usage import UsageError
 
 from cserver.auth import AllowListChecker, TextOrBytesChecker
 from cserver.tap import Options, makeService, raise_open_file_limit, with_backlog
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_settings():
+    """makeService tunes the interpreter for serving; put the test process back."""
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+    sys.setswitchinterval(interval)
 
 
 def parse(*args):
@@ -140,6 +152,17 @@ def test_make_service_reports_unopenable_journal(tmp_path):
     """A journal path that cannot be opened stops makeService with a clear message."""
     with pytest.raises(SystemExit, match="cannot open journal"):
         makeService(parse("--journal", str(tmp_path / "missing-dir" / "j.jsonl")))
+
+
+def test_make_service_tunes_the_interpreter(tmp_path):
+    """makeService freezes the start-up heap, collects less often and hands the GIL over sooner."""
+    service = makeService(parse("--journal", str(tmp_path / "j")))
+    try:
+        assert gc.get_threshold()[0] == 10000
+        assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        service.factory.journal.close()
 
 
 def test_plugin_is_discovered():
