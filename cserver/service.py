@@ -9,6 +9,7 @@ import signal
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from cserver import __version__
@@ -75,7 +76,13 @@ class CServerService(Service):
 
     def _stop_on_signal(self, number, frame):
         self.log.info("received signal {number}, stopping", number=number)
-        self.reactor.callFromThread(self.reactor.stop)
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self):
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal while stopping
 
     @defer.inlineCallbacks
     def stopService(self):

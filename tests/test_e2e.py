@@ -82,6 +82,22 @@ def test_signal_acks_inflight_messages(server, sig):
     assert [r["event"] for r in records] == ["start", "message", "stop"]
 
 
+def test_second_signal_while_stopping_is_harmless(server):
+    """A second SIGTERM while the server drains does not break the graceful stop."""
+    process = server("--work-delay", "1")
+    client = process.connect()
+    client.request("AUTH alice")
+    client.send("MSG slow one")
+    _wait_inflight(process)
+    process.process.send_signal(signal.SIGTERM)
+    assert process.wait_for("received signal", 10)
+    process.process.send_signal(signal.SIGTERM)
+    assert client.read_line() == "OK 2"
+    assert process.process.wait(20) == 0
+    assert not any("Traceback" in line for line in process.output)
+    assert [r["event"] for r in read_journal(process.journal)] == ["start", "message", "stop"]
+
+
 def _wait_inflight(process):
     """Wait (by asking the server) until a MSG is in flight."""
     probe = process.connect()
