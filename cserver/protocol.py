@@ -176,26 +176,17 @@ class CServerProtocol(LineReceiver):
             line = line[:-1]
         if not line:
             return
-        if line.startswith(b"MSG ") and self.user is not None:
-            self._msg(line[4:])
-            return
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            self._reply(b"ERR encoding line is not valid UTF-8\r\n")
-            return
-        word, _, arg = text.partition(" ")
-        verb = word.upper()
-        if verb == "MSG":
-            self.do_msg(arg)
-        elif verb == "AUTH":
-            self.do_auth(arg)
-        elif verb == "STATS":
-            self.do_stats()
-        elif verb == "QUIT":
-            self._close_with(b"OK bye\r\n")
-        else:
+        word, _, arg = line.partition(b" ")
+        handler = _VERBS.get(word) or _VERBS.get(word.upper())
+        if handler is None:
+            try:
+                word = word.decode("utf-8")
+            except UnicodeDecodeError:
+                self._reply(b"ERR encoding line is not valid UTF-8\r\n")
+                return
             self._reply(b"ERR unknown %s\r\n" % (_clip(word).encode("utf-8"),))
+            return
+        handler(self, arg)
 
     def _msg(self, body):
         """
@@ -208,11 +199,11 @@ class CServerProtocol(LineReceiver):
             return
         self._take_message(text)
 
-    def do_msg(self, text):
+    def do_msg(self, body):
         if self.user is None:
             self._reply(b"ERR noauth authenticate first\r\n")
             return
-        self._take_message(text)
+        self._msg(body)
 
     def _take_message(self, text):
         """
@@ -230,9 +221,14 @@ class CServerProtocol(LineReceiver):
         if self.inflight >= factory.max_pending:
             self._update_flow()
 
-    def do_auth(self, arg):
+    def do_auth(self, body):
         if self.user is not None:
             self._reply(b"ERR state already authenticated\r\n")
+            return
+        try:
+            arg = body.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(b"ERR encoding line is not valid UTF-8\r\n")
             return
         user, _, password = arg.partition(" ")
         if not user:
@@ -282,10 +278,13 @@ class CServerProtocol(LineReceiver):
         else:
             self._reply(line)
 
-    def do_stats(self):
+    def do_stats(self, _body=b""):
         stats = self.factory.stats(self)
         body = " ".join(f"{key}={value}" for key, value in stats.items())
         self._reply(b"OK %s\r\n" % (body.encode("utf-8"),))
+
+    def do_quit(self, _body=b""):
+        self._close_with(b"OK bye\r\n")
 
     # -- replies, in order --------------------------------------------------
 
@@ -363,6 +362,16 @@ class CServerProtocol(LineReceiver):
 
     def stopProducing(self):
         self._closing = True
+
+
+#: The request verbs and their handlers, each called with the bytes after
+#: the verb's space (verbs are matched as sent, then upper-cased).
+_VERBS = {
+    b"MSG": CServerProtocol.do_msg,
+    b"AUTH": CServerProtocol.do_auth,
+    b"STATS": CServerProtocol.do_stats,
+    b"QUIT": CServerProtocol.do_quit,
+}
 
 
 def _clip(text, limit=40):
