@@ -226,3 +226,49 @@ def test_plugin_is_found_by_twistd(tmp_path):
         env={**os.environ, "PYTHONPATH": ""},
     )
     assert "cserver" in out.stdout
+
+
+def test_client_that_never_reads_cannot_grow_server_memory(server):
+    """A client pipelining MSGs without reading a reply is throttled by flow
+    control: the server stops reading it, its RSS stays bounded, and another
+    client is still answered."""
+    import select
+    import socket
+
+    process = server("--work-delay", "1")
+    rss_before = _rss(process.process.pid)
+    flood = socket.create_connection(("127.0.0.1", process.port))
+    flood.sendall(b"AUTH alice\n")
+    flood.setblocking(False)
+    chunk = b"".join(b"MSG flood %d\n" % i for i in range(1000))
+    sent = 0
+    stalled = False
+    while sent < 500 * 1024 * 1024:
+        _, writable, _ = select.select([], [flood], [], 2.0)
+        if not writable:
+            stalled = True
+            break
+        try:
+            sent += flood.send(chunk)
+        except BlockingIOError:
+            pass
+    assert stalled, f"the server read all {sent} bytes"
+    other = process.connect()
+    assert other.request("AUTH bob") == "OK bob"
+    stats = other.stats()
+    assert 0 < int(stats["inflight"]) <= 1000
+    assert int(stats["inflight_peak"]) <= 1000
+    growth = _rss(process.process.pid) - rss_before
+    assert growth < 50 * 1024 * 1024, f"server RSS grew by {growth} bytes"
+    other.close()
+    flood.close()
+    assert process.stop() == 0
+
+
+def _rss(pid):
+    """The resident set size of ``pid``, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
