@@ -7,7 +7,10 @@ One anonymous file (``memfd``) that the parent creates and every worker maps:
   whole record, a busy mark (the pid of a worker writing now; a worker killed
   mid-write leaves it set, and the next writer cuts the file back to
   ``end``), the count of message records, and a broken flag (an fsync failed
-  somewhere: every worker refuses MSGs until restart);
+  somewhere: every worker refuses MSGs until restart); ``commit_seq`` and
+  ``commit_messages`` are the values a writer is publishing (set while it
+  updates ``last_seq``/``end``/``messages`` one by one, so that the next writer
+  can finish the update if it was killed in the middle of it);
 - one *slot* of counters per worker, which only that worker writes and
   anyone reads (the parent sums them; STATS reports the sums).
 
@@ -17,9 +20,12 @@ aligned 8-byte store each, which no reader sees half-done.
 
 import mmap
 import os
+from functools import partial
 
 #: Journal header fields, in order.
-HEADER_FIELDS = ("magic", "last_seq", "end", "busy", "messages", "broken")
+HEADER_FIELDS = (
+    "magic", "last_seq", "end", "busy", "messages", "broken", "commit_seq", "commit_messages",
+)
 #: Per-worker counter fields, in order.
 SLOT_FIELDS = (
     "pid", "connections", "peak", "served", "inflight", "inflight_peak", "auth_failures",
@@ -112,6 +118,13 @@ class Fields:
             self._ints[self._index[name]] = value
         except KeyError:
             raise AttributeError(name) from None
+
+    def reader(self, name):
+        """
+        A callable that returns the field's current value: cheaper than the
+        attribute where it is read once per message.
+        """
+        return partial(self._ints.__getitem__, self._index[name])
 
     def add(self, name, amount=1):
         """
