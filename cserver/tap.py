@@ -63,7 +63,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-line", None, 65536, "The longest request line, in bytes.", _positive_int],
         ["work-delay", None, 0.0, "Seconds each MSG waits before it is journaled "
          "(to show requests overlapping).", _seconds],
+        ["workers", None, 1, "Server processes (1: one process; N > 1: a parent and N "
+         "workers sharing one tcp port and the journal).", _positive_int],
     ]
+
+    def opt_auth(self, description):
+        super().opt_auth(description)
+        # The workers (--workers N) rebuild the checkers from the descriptions.
+        self.setdefault("auth_descriptions", []).append(description)
+
+    opt_auth.__doc__ = strcred.AuthOptionMixin.opt_auth.__doc__
 
     def postOptions(self):
         if self["fsync"] not in FSYNC_MODES:
@@ -77,6 +86,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--users names nobody: no one could authenticate")
         self["user_list"] = users
         self["port"] = with_backlog(self["port"])
+        if self["workers"] > 1 and self["port"].split(":", 1)[0] not in ("tcp", "tcp6"):
+            raise usage.UsageError("--workers needs a tcp: or tcp6: --port (each worker "
+                                   "gets its own SO_REUSEPORT socket)")
 
 
 def with_backlog(description):
@@ -118,6 +130,11 @@ def makeService(config):
     from cserver.service import CServerService
 
     log = Logger(namespace="cserver.tap")
+    if config.get("workers", 1) > 1:
+        from cserver.workers import make_service
+
+        raise_open_file_limit(config["max-connections"] + 64)
+        return make_service(config, reactor)
     limits = Limits(
         max_connections=config["max-connections"],
         idle_timeout=config["idle-timeout"],

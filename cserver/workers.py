@@ -1,0 +1,363 @@
+"""The parent of ``twistd cserver --workers N`` (N > 1).
+
+It recovers the journal and sets up the shared memory's journal header,
+makes N ``SO_REUSEPORT`` listening sockets on the one TCP port (one per
+worker; it keeps them all open, so a restarting worker's queue is not
+reset), and runs N :mod:`cserver.worker` processes.  It writes the ``start``
+and ``stop`` records, restarts a worker that dies (with a backoff), logs the
+global totals every 10 s, and on SIGTERM or SIGINT stops every worker
+gracefully before it writes the ``stop`` record.  See docs/workers-design.rst.
+"""
+
+import os
+import re
+import signal
+import socket
+import sys
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ReactorNotRunning
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from cserver import __version__
+
+#: Seconds before the first restart of a worker that died.
+RESTART_DELAY = 0.5
+#: The longest wait before a restart.
+MAX_RESTART_DELAY = 30.0
+#: A worker up this many seconds counts as stable: its next restart is quick.
+STABLE_AFTER = 10.0
+#: Seconds between two logs of the totals.
+TOTALS_INTERVAL = 10.0
+#: Seconds the workers have to stop before they are killed.
+STOP_TIMEOUT = 25.0
+
+
+# -- the listening sockets ----------------------------------------------------------------
+
+def parse_tcp(description):
+    """
+    ``(family, host, port, backlog)`` of a ``tcp:`` or ``tcp6:`` server
+    endpoint description.
+
+    @raise ValueError: another kind of endpoint, or no port.
+    """
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
+    kind = parts[0]
+    if kind not in ("tcp", "tcp6"):
+        raise ValueError(f"--workers needs a tcp: or tcp6: --port, not {kind}:")
+    positional, keywords = [], {}
+    for part in parts[1:]:
+        key, equals, value = part.partition("=")
+        if equals:
+            keywords[key] = value
+        else:
+            positional.append(part)
+    names = ("port", "backlog", "interface")
+    for name, value in zip(names, positional, strict=False):
+        keywords.setdefault(name, value)
+    if "port" not in keywords:
+        raise ValueError(f"no port in {description!r}")
+    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    host = keywords.get("interface") or ("::" if kind == "tcp6" else "0.0.0.0")
+    return family, host, int(keywords["port"]), int(keywords.get("backlog", 50))
+
+
+def reuseport_sockets(family, host, port, backlog, count):
+    """
+    ``count`` listening sockets bound with ``SO_REUSEPORT`` to one address
+    (port 0: the port the first one got).
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+            port = sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+# -- the workers ----------------------------------------------------------------------------
+
+class WorkerProcess(ProcessProtocol):
+    """
+    One worker seen from the parent: its output goes to the parent's log,
+    its end to the supervisor.
+    """
+
+    log = Logger(namespace="cserver.workers")
+
+    def __init__(self, supervisor, index, started_at):
+        self.supervisor = supervisor
+        self.index = index
+        self.started_at = started_at
+        self.pid = None
+        self.ended = defer.Deferred()
+        self._partial = {1: b"", 2: b""}
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def childDataReceived(self, fd, data):
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        for line in lines:
+            self.log.info("worker {index} [{pid}]: {line}", index=self.index, pid=self.pid,
+                          line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason):
+        self.supervisor.worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+def _describe_exit(reason):
+    if isinstance(reason.value, ProcessDone):
+        return "exited with status 0"
+    if reason.value.signal is not None:
+        return f"was killed by signal {reason.value.signal}"
+    return f"exited with status {reason.value.exitCode}"
+
+
+class WorkerSupervisor(Service):
+    """
+    Runs and restarts ``count`` workers; writes the ``start`` and ``stop``
+    records.
+
+    @ivar processes: the running :class:`WorkerProcess` of each index, or None.
+    """
+
+    log = Logger(namespace="cserver.workers")
+
+    def __init__(self, reactor, shared, journal, recovery, sockets, worker_argv,
+                 exit_cleanly=False):
+        from cserver.journal import JournalLogger
+
+        self.reactor = reactor
+        self.shared = shared
+        self.journal = journal
+        self.recovery = recovery
+        self.journal_log = JournalLogger(namespace="cserver.journal", observer=journal)
+        self.sockets = sockets
+        self.worker_argv = worker_argv
+        self.exit_cleanly = exit_cleanly
+        self.count = len(sockets)
+        self.processes = [None] * self.count
+        self._delays = [0.0] * self.count
+        self._restarts = {}
+        self._totals = None
+        self.stopping = False
+
+    def startService(self):
+        from twisted.internet.task import LoopingCall
+
+        super().startService()
+        recovery = self.recovery
+        if recovery.torn_bytes:
+            self.log.warn(
+                "journal {path}: cut a torn tail of {count} bytes, saved in {side}",
+                path=self.journal.path, count=recovery.torn_bytes, side=recovery.torn_path,
+            )
+        self._record("start", "cserver {version} starting", {
+            "version": __version__,
+            "records": recovery.records,
+            "last_seq": recovery.last_seq,
+            "messages": recovery.messages,
+            "torn_bytes": recovery.torn_bytes,
+            "torn_file": recovery.torn_path,
+            "workers": self.count,
+        })
+        for index in range(self.count):
+            self._spawn(index)
+        host, port = self.sockets[0].getsockname()[:2]
+        kind = "tcp6" if self.sockets[0].family == socket.AF_INET6 else "tcp"
+        self.log.info(
+            "cserver {version} listening on {kind}:{host}:{port} with {count} workers; "
+            "journal {path} ({records} records, last seq {seq})",
+            version=__version__, kind=kind, host=host, port=port, count=self.count,
+            path=self.journal.path, records=recovery.records, seq=recovery.last_seq,
+        )
+        self._totals = LoopingCall(self.log_totals)
+        self._totals.clock = self.reactor
+        self._totals.start(TOTALS_INTERVAL, now=False)
+        if self.exit_cleanly:
+            self.reactor.callWhenRunning(self._handle_signals)
+
+    def _spawn(self, index):
+        self._restarts.pop(index, None)
+        slot = self.shared.slot(index)
+        argv = [
+            sys.executable, "-m", "cserver.worker", "--index", str(index),
+            "--workers", str(self.count),
+            "--family", "inet6" if self.sockets[index].family == socket.AF_INET6 else "inet",
+            "--base-served", str(slot.served), "--base-auth-failures", str(slot.auth_failures),
+            *self.worker_argv,
+        ]
+        process = WorkerProcess(self, index, self.reactor.seconds())
+        self.processes[index] = process
+        self.reactor.spawnProcess(
+            process, sys.executable, argv, env=dict(os.environ),
+            childFDs={0: "w", 1: "r", 2: "r", 3: self.sockets[index].fileno(),
+                      4: self.shared.fd},
+        )
+        self.log.info("worker {index} started, pid {pid}", index=index, pid=process.pid)
+
+    def worker_ended(self, process, reason):
+        index = process.index
+        if self.processes[index] is process:
+            self.processes[index] = None
+        slot = self.shared.slot(index)
+        slot.pid = slot.connections = slot.inflight = 0
+        how = _describe_exit(reason)
+        if self.stopping:
+            self.log.info("worker {index} (pid {pid}) {how}", index=index, pid=process.pid,
+                          how=how)
+            return
+        uptime = self.reactor.seconds() - process.started_at
+        if uptime >= STABLE_AFTER or not self._delays[index]:
+            delay = RESTART_DELAY
+        else:
+            delay = min(self._delays[index] * 2, MAX_RESTART_DELAY)
+        self._delays[index] = delay
+        self.log.warn(
+            "worker {index} (pid {pid}) {how} after {uptime:.1f} s; restarting in {delay} s",
+            index=index, pid=process.pid, how=how, uptime=uptime, delay=delay,
+        )
+        self._restarts[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def log_totals(self):
+        totals = self.shared.totals()
+        self.log.info(
+            "totals: {total} messages in the journal, served {served}, connections "
+            "{connections}, in flight {inflight}, auth failures {auth_failures}",
+            total=self.shared.header.messages, **totals,
+        )
+
+    def _record(self, kind, message, fields):
+        from cserver.journal import ACK, EVENT, FIELDS
+
+        d = defer.Deferred()
+
+        def ack(seq, reason):
+            if reason is None:
+                d.callback(seq)
+            else:
+                d.errback(OSError(reason))
+
+        self.journal_log.info(message, **{EVENT: kind, FIELDS: fields, ACK: ack}, **fields)
+        return d
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def _handle_signals(self):
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._stop_on_signal)
+
+    def _stop_on_signal(self, number, frame):
+        self.log.info("received signal {number}, stopping the workers", number=number)
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self):
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal while stopping
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        self.stopping = True
+        if self._totals is not None and self._totals.running:
+            self._totals.stop()
+        for call in self._restarts.values():
+            call.cancel()
+        self._restarts.clear()
+        running = [p for p in self.processes if p is not None]
+        for process in running:
+            process.transport.signalProcess("TERM")
+        killer = self.reactor.callLater(STOP_TIMEOUT, self._kill, running)
+        yield defer.DeferredList([p.ended for p in running])
+        if killer.active():
+            killer.cancel()
+        for sock in self.sockets:
+            sock.close()
+        totals = self.shared.totals()
+        total = self.shared.header.messages
+        try:
+            yield self._record("stop", "cserver stopping",
+                               {"served": totals["served"], "total": total})
+        except OSError as e:
+            self.log.error("could not journal the stop record: {error}", error=e)
+        self.journal.close()
+        self.log.info("cserver stopped: served {served}, total {total}",
+                      served=totals["served"], total=total)
+
+    def _kill(self, processes):
+        for process in processes:
+            if not process.ended.called:
+                self.log.warn("worker {index} (pid {pid}) did not stop: killing it",
+                              index=process.index, pid=process.pid)
+                process.transport.signalProcess("KILL")
+
+
+# -- wiring ---------------------------------------------------------------------------------
+
+def worker_arguments(config):
+    """
+    The ``cserver.worker`` options that carry ``config`` to a worker.
+    """
+    argv = [
+        "--journal", os.path.abspath(config["journal"]), "--fsync", config["fsync"],
+        "--users", ",".join(config["user_list"]),
+        "--max-connections", str(config["max-connections"]),
+        "--idle-timeout", str(config["idle-timeout"]),
+        "--auth-timeout", str(config["auth-timeout"]),
+        "--max-line", str(config["max-line"]),
+        "--work-delay", str(config["work-delay"]),
+    ]
+    for description in config.get("auth_descriptions", ()):
+        argv += ["--auth", description]
+    return argv
+
+
+def make_service(config, reactor):
+    """
+    The parent's service for ``--workers N``: prepare the journal and the
+    shared memory, make the sockets.  Exits with a message when the journal
+    is damaged or the port cannot be bound.
+    """
+    from cserver.journal import SharedFileJournal, SyncThread
+    from cserver.recovery import JournalDamaged
+    from cserver.shared import Shared
+
+    count = config["workers"]
+    family, host, port, backlog = parse_tcp(config["port"])
+    shared = Shared.create(count)
+    path = config["journal"]
+    try:
+        recovery = SharedFileJournal.prepare(path, shared)
+        journal = SharedFileJournal.open(
+            path, reactor, shared, fsync=config["fsync"],
+            syncer=SyncThread(reactor.callFromThread),
+        )
+    except JournalDamaged as e:
+        raise SystemExit(f"cserver: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"cserver: cannot open journal {path}: {e}") from None
+    try:
+        sockets = reuseport_sockets(family, host, port, backlog, count)
+    except OSError as e:
+        journal.close()
+        raise SystemExit(f"cserver: cannot listen on {config['port']}: {e}") from None
+    return WorkerSupervisor(reactor, shared, journal, recovery, sockets,
+                            worker_arguments(config), exit_cleanly=True)
