@@ -2,9 +2,10 @@
 
 One job: open N connections through one client factory in one reactor, authenticate
 them all, hold every session at a barrier until all N are authenticated (so N
-sessions are open at the same instant, which the server's own ``peak`` from STATS
-confirms), then send every MSG (closed loop, or open loop with ``--rate``), QUIT,
-and report phase times, throughput and latency percentiles.  With ``--processes P``
+sessions are open at the same instant, which the server's own count of open
+connections, read by STATS at the barrier, confirms), then send every MSG (closed
+loop, or open loop with ``--rate``), QUIT, and report phase times, throughput and
+latency percentiles.  With ``--processes P``
 the connections are split over P client processes whose barrier is joined by the
 parent process (children say ``ready``; the parent says ``go``).
 
@@ -18,13 +19,14 @@ import math
 import os
 import re
 import selectors
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter, deque
 
 import attrs
-from twisted.internet import defer, error
+from twisted.internet import defer, error, tcp
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
@@ -44,6 +46,13 @@ HINTS = {
     "timeout": "no progress within --timeout seconds",
     "auth": "authentication refused: check --user/--password",
 }
+try:
+    from twisted.internet import unix
+except ImportError:  # no AF_UNIX here
+    unix = None
+# Transports whose socket the sessions may write to directly: exactly these types,
+# never a wrapper (TLS and policies wrappers forward ``socket`` by __getattr__).
+PLAIN_TRANSPORTS = (tcp.Client,) + ((unix.Client,) if unix else ())
 
 
 @attrs.define
@@ -61,10 +70,11 @@ class BenchConfig:
     duration: float = 10.0
     timeout: float = 60.0
     first: int = 0
+    total: int | None = None  # open loop: this process's share of the MSGs (see split)
 
     def total_messages(self):
         if self.rate:
-            return round(self.rate * self.duration)
+            return self.total if self.total is not None else round(self.rate * self.duration)
         return self.connections * self.messages
 
 
@@ -161,6 +171,7 @@ class BenchProtocol(Protocol):
 
     state = GREET
     number = 0
+    closed = False
 
     def __init__(self):
         self._buffer = b""
@@ -175,8 +186,7 @@ class BenchProtocol(Protocol):
         except (AttributeError, OSError):
             pass
         # A plain socket transport lets write() skip Twisted's buffer when it is empty.
-        sock = getattr(transport, "socket", None)
-        self._sock = sock if hasattr(transport, "_tempDataBuffer") else None
+        self._sock = transport.socket if type(transport) in PLAIN_TRANSPORTS else None
         self.factory.connection_made(self)
 
     def dataReceived(self, data):
@@ -186,6 +196,8 @@ class BenchProtocol(Protocol):
         self._buffer = lines.pop()
         if len(self._buffer) > 65536:
             self.fail("protocol")
+        if not lines:
+            return
         if self.state == RUN:
             self.replies(lines)
             return
@@ -214,6 +226,7 @@ class BenchProtocol(Protocol):
             self.factory.stats_received(parse_stats(line[3:].decode("utf-8", "replace")))
         elif state == QUIT:
             self.state = DONE
+            self.transport.loseConnection()
         else:
             self.fail("protocol")
 
@@ -288,6 +301,7 @@ class BenchProtocol(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason=None):
+        self.closed = True
         if self.state not in (DONE, QUIT, FAILED) and not self.factory.aborting:
             self.fail(classify(reason))
         self.state = DONE if self.state != FAILED else FAILED
@@ -318,6 +332,7 @@ class Bench(ClientFactory):
         self.sessions = []
         self.connecting = []
         self.ended = 0
+        self.connect_failures = 0
         self.sending = 0
         self.acked = 0
         self.progress = 0
@@ -350,6 +365,7 @@ class Bench(ClientFactory):
         self._connect_failed(reason)
 
     def _connect_failed(self, reason):
+        self.connect_failures += 1
         if not self.aborting:
             self.session_failed(None, GREET, classify(reason))
         self.attempt_ended()
@@ -454,7 +470,7 @@ class Bench(ClientFactory):
             elif getattr(pending, "state", "connecting") == "connecting":
                 pending.stopConnecting()
         for session in self.sessions:
-            if session.state not in (DONE, FAILED):
+            if not session.closed:
                 session.transport.loseConnection()
         self._timers["abort"] = self.reactor.callLater(5, self._finish)
 
@@ -464,18 +480,34 @@ class Bench(ClientFactory):
             self._finish()
 
     def _watch(self, seen, since):
-        """Abort when nothing has progressed for ``config.timeout`` seconds."""
-        if self.done.called:
+        """Abort when nothing has progressed for ``config.timeout`` seconds while
+        replies are awaited; stops once the run ends or aborts."""
+        if self.done.called or self.aborting:
             return
         now = self.now()
-        if self.progress != seen:
+        if self.progress != seen or not self._awaiting_replies():
             seen, since = self.progress, now
         elif now - since >= self.config.timeout:
-            stuck = self.config.connections - self.ended
-            self.result.errors["timeout"] = self.result.errors.get("timeout", 0) + stuck
-            self.result.failed += stuck
+            stuck = self._stuck()
+            if stuck:
+                self.result.errors["timeout"] = self.result.errors.get("timeout", 0) + stuck
+                self.result.failed += stuck
             self.abort(f"no progress for {self.config.timeout:g} s: {stuck} sessions stuck")
+            return
         self._timers["watch"] = self.reactor.callLater(1.0, self._watch, seen, since)
+
+    def _awaiting_replies(self):
+        """Before the barrier and in a closed loop, always; in an open loop only while
+        some session has a MSG, STATS or QUIT unanswered (not between its MSGs)."""
+        if not self.open_loop or self.result.t1 is None:
+            return True
+        return any(s.sent_at or s.state in (STATS, QUIT) for s in self.sessions)
+
+    def _stuck(self):
+        """Sessions neither done nor already counted as failed, including connection
+        attempts that have not come back."""
+        never = self.config.connections - len(self.sessions) - self.connect_failures
+        return never + sum(1 for s in self.sessions if s.state not in (DONE, FAILED))
 
     def _finish(self):
         if self.done.called:
@@ -492,14 +524,23 @@ class Bench(ClientFactory):
 
 
 def split(config, processes):
-    """One config per client process: connections (and the rate) shared out evenly."""
+    """One config per client process: connections (and the rate) shared out evenly.
+
+    With ``--rate`` each process also gets its share of the MSGs as an explicit
+    ``total``; the shares add up to the whole run's count.
+    """
     n = config.connections
-    configs, first = [], config.first
+    total = config.total_messages() if config.rate else None
+    configs, done = [], 0
     for i in range(processes):
         size = n // processes + (1 if i < n % processes else 0)
-        rate = config.rate * size / n if config.rate else None
-        configs.append(attrs.evolve(config, connections=size, rate=rate, first=first))
-        first += size
+        rate = share = None
+        if config.rate:
+            rate = config.rate * size / n
+            share = total * (done + size) // n - total * done // n
+        configs.append(attrs.evolve(config, connections=size, rate=rate, total=share,
+                                    first=config.first + done))
+        done += size
     return configs
 
 
@@ -561,10 +602,13 @@ def format_table(report):
     lat = "  ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in report.latency_ms.items())
     errors = ", ".join(f"{k} {v}" for k, v in sorted(report.errors.items())) or "none"
     peak = "-" if report.peak is None else report.peak
+    at_server = "-" if report.server_connections is None else report.server_connections
     plural = "es" if report.processes > 1 else ""
     rows = [
         ("connections", f"{report.connections} ({report.processes} process{plural}), "
-                        f"{report.authenticated} authenticated, server peak {peak}"),
+                        f"{report.authenticated} authenticated"),
+        ("server", f"{at_server} connections open at the barrier "
+                   f"(peak {peak} since server start)"),
         ("messages", f"{report.acked}/{report.messages} acked, "
                      + (f"open loop at {report.rate:g}/s" if report.rate
                         else f"pipeline {report.pipeline}")),
@@ -657,16 +701,58 @@ def run_local(config, child=False, progress=None):
     return outcome[0]
 
 
-def run_processes(config, processes):
-    """Split the run over child processes and join their barrier; returns their results."""
+def _spawn_child():
+    """A ``--processes`` child: ``python -m cserver.bench`` with pipes both ways."""
+    return subprocess.Popen([sys.executable, "-m", "cserver.bench"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def run_processes(config, processes, spawn=_spawn_child, slack=30.0):
+    """Split the run over child processes and join their barrier; returns their results.
+
+    Before ``go``, children all silent for ``config.timeout + slack`` seconds are
+    taken for hung and killed; after it, the parent waits for as long as the run
+    takes (each child has its own watchdog).  Whatever happens here -- an exception,
+    SIGTERM -- no child is left running: the ones still alive are killed and reaped.
+    """
     configs = split(config, processes)
     children = []
-    for c in configs:
-        child = subprocess.Popen([sys.executable, "-m", "cserver.bench"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        child.stdin.write(json.dumps(attrs.asdict(c)).encode() + b"\n")
-        child.stdin.flush()
-        children.append(child)
+    restore = _sigterm_exits()
+    try:
+        for c in configs:
+            child = spawn()
+            children.append(child)
+            child.stdin.write(json.dumps(attrs.asdict(c)).encode() + b"\n")
+            child.stdin.flush()
+        return _join(config, configs, children, slack)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            for pipe in (child.stdin, child.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        restore()
+
+
+def _sigterm_exits():
+    """Make SIGTERM raise SystemExit (so ``finally`` runs); returns the undo."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _join(config, configs, children, slack):
+    """The parent's side of the barrier: ``ready`` from all, then ``go`` to all."""
+    processes = len(children)
     results, ready = [None] * processes, set()
     buffers = [bytearray() for _ in range(processes)]
     selector = selectors.DefaultSelector()
@@ -680,44 +766,52 @@ def run_processes(config, processes):
         except OSError:
             pass
 
-    aborted, open_pipes = False, processes
-    while open_pipes:
-        events = selector.select(config.timeout + 30)
-        if not events:
-            for child in children:
-                child.kill()
-            break
-        for key, _ in events:
-            i = key.data
-            chunk = os.read(key.fileobj.fileno(), 1 << 20)
-            if not chunk:
-                selector.unregister(key.fileobj)
-                open_pipes -= 1
-                continue
-            buffer = buffers[i]
-            buffer += chunk
-            end = buffer.rfind(b"\n")
-            if end < 0:
-                continue
-            lines = bytes(buffer[:end]).split(b"\n")
-            del buffer[:end + 1]
-            for line in lines:
-                if line == b"ready":
-                    ready.add(i)
-                    if aborted:
-                        tell(i, b"abort\n")
-                    elif len(ready) == processes:
-                        for j in ready:
-                            tell(j, b"go\n")
-                elif line.startswith(b"{"):
-                    results[i] = RunResult(**json.loads(line))
-                    if i not in ready and not aborted:
-                        # This child could not open its sessions: the barrier cannot
-                        # pass; release the ones waiting at it (the others end alone).
-                        aborted = True
-                        for j in ready:
-                            if results[j] is None:
-                                tell(j, b"abort\n")
+    def give_up():
+        # One child cannot take part: the barrier cannot pass; release the ones
+        # waiting at it (the others end alone).
+        nonlocal aborted
+        aborted = True
+        for j in ready:
+            if results[j] is None:
+                tell(j, b"abort\n")
+
+    aborted, went, open_pipes = False, False, processes
+    with selector:
+        while open_pipes:
+            events = selector.select(None if went else config.timeout + slack)
+            if not events:
+                for child in children:
+                    child.kill()
+                break
+            for key, _ in events:
+                i = key.data
+                chunk = os.read(key.fileobj.fileno(), 1 << 20)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    open_pipes -= 1
+                    if results[i] is None and not went and not aborted:
+                        give_up()  # it exited without a report before the barrier
+                    continue
+                buffer = buffers[i]
+                buffer += chunk
+                end = buffer.rfind(b"\n")
+                if end < 0:
+                    continue
+                lines = bytes(buffer[:end]).split(b"\n")
+                del buffer[:end + 1]
+                for line in lines:
+                    if line == b"ready":
+                        ready.add(i)
+                        if aborted:
+                            tell(i, b"abort\n")
+                        elif len(ready) == processes:
+                            went = True
+                            for j in ready:
+                                tell(j, b"go\n")
+                    elif line.startswith(b"{"):
+                        results[i] = RunResult(**json.loads(line))
+                        if i not in ready and not aborted:
+                            give_up()
     for i, child in enumerate(children):
         status = child.wait()
         if results[i] is None:

@@ -15,7 +15,7 @@ import getpass
 import sys
 from collections import deque
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 31337
+DEFAULT_TIMEOUT = 30.0
 
 
 class ServerError(Exception):
@@ -100,7 +101,7 @@ class CserverClientProtocol(LineReceiver):
     log = Logger()
 
     def __init__(self):
-        self.greeted = defer.Deferred()
+        self.greeted = defer.Deferred(self._drop)
         self.closed = defer.Deferred()
         self.server_version = None
         self.user = None
@@ -122,6 +123,8 @@ class CserverClientProtocol(LineReceiver):
             self.log.info("reply to no request: {line}", line=text)
             return
         d, convert = self._pending.popleft()
+        if d.called:
+            return  # cancelled (timed out): its reply still holds its place in the order
         if ok:
             d.callback(convert(data) if convert else data)
         else:
@@ -144,6 +147,11 @@ class CserverClientProtocol(LineReceiver):
     def lineLengthExceeded(self, line):
         self.transport.loseConnection()
 
+    def _drop(self, _cancelled):
+        """Cancelling ``greeted`` (a connect timeout) gives up on the connection."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def connectionLost(self, reason=None):
         self._lost = reason
         if not self.greeted.called:
@@ -154,12 +162,17 @@ class CserverClientProtocol(LineReceiver):
         self.closed.callback(None)
 
     def request(self, line, convert=None):
-        """Send one request line (``str``); the Deferred fires with the OK data."""
+        """Send one request line (``str``); the Deferred fires with the OK data.
+
+        Cancelling the Deferred (e.g. through ``addTimeout``) fails it at once; the
+        reply, when it comes, is dropped so that later replies still match.
+        """
         if self._lost is not None:
             return defer.fail(self._lost)
+        data = _check_text(line, "a request") + b"\n"
         d = defer.Deferred()
         self._pending.append((d, convert))
-        self.transport.write(_check_text(line, "a request") + b"\n")
+        self.transport.write(data)
         return d
 
     def auth(self, user, password=None):
@@ -199,16 +212,26 @@ def endpoint_description(host=DEFAULT_HOST, port=DEFAULT_PORT, endpoint=None):
     return f"tcp:host={host}:port={port}"
 
 
+def _within(d, timeout, reactor):
+    """``d`` with ``addTimeout(timeout)`` unless ``timeout`` is None."""
+    return d if timeout is None else d.addTimeout(timeout, reactor)
+
+
 @defer.inlineCallbacks
-def connect(reactor, description, user, password=None, factory=None):
+def connect(reactor, description, user, password=None, factory=None, timeout=None):
     """Connect to ``description`` (a clientFromString string or an endpoint), wait for
-    the greeting and authenticate; fires with the ready :class:`CserverClientProtocol`."""
+    the greeting and authenticate; fires with the ready :class:`CserverClientProtocol`.
+
+    With ``timeout`` (seconds), the connect, the greeting and the AUTH reply each
+    fail with :class:`twisted.internet.defer.TimeoutError` when they take longer.
+    """
     if isinstance(description, str):
         description = clientFromString(reactor, description)
-    client = yield description.connect(factory or CserverClientFactory())
+    connecting = description.connect(factory or CserverClientFactory())
+    client = yield _within(connecting, timeout, reactor)
     try:
-        yield client.greeted
-        yield client.auth(user, password)
+        yield _within(client.greeted, timeout, reactor)
+        yield _within(client.auth(user, password), timeout, reactor)
     except BaseException:
         client.transport.loseConnection()
         raise
@@ -228,6 +251,21 @@ def add_connection_arguments(parser):
     parser.add_argument("--password", help="password for AUTH (default: none sent)")
 
 
+def _seconds(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def add_timeout_argument(parser):
+    """``--timeout`` for ``send`` and ``stats`` (bench has its own, a watchdog)."""
+    parser.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+        help="give up when the connect, the greeting or any reply takes longer than "
+        "this many seconds (%(default)s)")
+
+
 def build_parser():
     """The ``cserver-client`` argument parser."""
     from cserver import bench
@@ -237,9 +275,11 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     send = sub.add_parser("send", help="send messages and print their seqs, one per line")
     add_connection_arguments(send)
+    add_timeout_argument(send)
     send.add_argument("texts", nargs="+", metavar="TEXT", help="one message each")
     stats = sub.add_parser("stats", help="print the server's STATS as key=value lines")
     add_connection_arguments(stats)
+    add_timeout_argument(stats)
     load = sub.add_parser(
         "bench", help="the load generator: N concurrent sessions",
         description="Open N sessions through one client factory, hold them at a barrier "
@@ -254,19 +294,31 @@ def build_parser():
 def run_session(reactor, args, out):
     """``send`` or ``stats`` for parsed ``args``: prints to ``out``; fires with the exit code."""
     description = endpoint_description(args.host, args.port, args.endpoint)
+    timeout = args.timeout
+    client = None
+
+    def timed(d):
+        return _within(d, timeout, reactor)
+
     try:
-        client = yield connect(reactor, description, args.user, args.password)
+        client = yield connect(reactor, description, args.user, args.password,
+                               timeout=timeout)
         if args.command == "send":
             # Pipelined: every MSG goes out at once; the seqs come back in order.
-            for seq in (yield defer.gatherResults([client.send(t) for t in args.texts])):
+            sends = [timed(client.send(t)) for t in args.texts]
+            for seq in (yield defer.gatherResults(sends, consumeErrors=True)):
                 out.write(f"{seq}\n")
         else:
-            for key, value in (yield client.stats()).items():
+            for key, value in (yield timed(client.stats())).items():
                 out.write(f"{key}={value}\n")
-        yield client.quit()
+        yield timed(client.quit())
     except Exception as e:
         e = e.subFailure.value if isinstance(e, defer.FirstError) else e
+        if isinstance(e, (defer.TimeoutError, defer.CancelledError, error.TimeoutError)):
+            e = f"no answer from the server within {timeout:g} s"
         sys.stderr.write(f"cserver-client: {_describe(e)}\n")
+        if client is not None:
+            client.transport.loseConnection()
         return 1
     return 0
 

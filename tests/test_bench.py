@@ -13,7 +13,7 @@ import attrs
 import pytest
 from twisted.internet import error
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -74,7 +74,8 @@ class FakeServer(LineReceiver):
                        f"peak={f.peak} mine={self.mine} user={self.user or '-'}")
         elif verb == "QUIT":
             self.reply("OK bye")
-            self.transport.loseConnection()
+            if f.close_on_quit:
+                self.transport.loseConnection()
         else:
             self.reply(f"ERR unknown {verb}")
 
@@ -86,6 +87,7 @@ class FakeServerFactory(Factory):
     max_connections: int | None = None
     hold: bool = False
     msg_error: str | None = None
+    close_on_quit: bool = True
     connections: int = 0
     peak: int = 0
     next_id: int = 0
@@ -286,6 +288,112 @@ def test_watchdog_ends_a_stalled_run():
     assert "no progress for 5 s" in result.notes[0]
 
 
+def test_watchdog_counts_stuck_sessions_once():
+    """After the watchdog gives up, it stops: each stuck session is counted once as a
+    timeout, even while the abort waits for connections that do not end."""
+    net = Net()
+    net.start(connections=2, timeout=3)
+    for _ in range(12):
+        net.reactor.advance(1)
+    result = net.result
+    assert result.errors == {"timeout": 2} and result.failed == 2
+    assert not net.reactor.getDelayedCalls()
+
+
+def test_partial_reply_data_is_not_progress():
+    """Bytes that complete no reply line do not count as progress: a server that
+    trickles them without ever answering still ends the run by the watchdog."""
+    net = Net(hold=True)
+    net.start(connections=1, messages=1, timeout=3)
+    net.complete()
+    for _ in range(10):
+        if net.results:
+            break
+        net.pumps[0].server.transport.write(b"O")
+        net.pump()
+        net.reactor.advance(1)
+        net.pump()
+    assert net.result.errors == {"timeout": 1}
+
+
+def test_session_closes_after_ok_bye_when_the_server_does_not():
+    """After ``OK bye`` the bench closes the connection itself: a server that keeps
+    it open does not turn fully acked sessions into timeouts."""
+    net = Net(close_on_quit=False)
+    net.start(connections=2, messages=1, timeout=5)
+    net.complete()
+    result = net.result
+    assert result.errors == {} and result.acked == 2 and result.failed == 0
+    assert net.server.connections == 0
+    assert bench.make_report(net.bench.config, [result]).ok
+
+
+def test_abort_closes_sessions_that_have_not_ended():
+    """abort() closes every session whose connection has not ended, whatever its
+    state -- one already done but still connected included -- so the run ends at once."""
+    net = Net(hold=True)
+    b = net.start(connections=2, messages=1, timeout=5)
+    net.complete()
+    b.sessions[0].state = bench.DONE  # done, but its connection is still open
+    b.abort("test")
+    net.pump()
+    assert net.server.connections == 0 and net.results
+
+
+def test_open_loop_at_a_low_rate_is_not_taken_for_stuck():
+    """--rate 0.1: ten quiet seconds between MSGs while nothing is outstanding are not
+    \"no progress\"; the watchdog only counts while replies are awaited."""
+    net = Net()
+    net.start(connections=1, rate=0.1, duration=30, timeout=5)
+    net.complete()
+    for _ in range(40):
+        if net.results:
+            break
+        net.reactor.advance(1)
+        net.pump()
+    result = net.result
+    assert result.errors == {} and result.acked == 3
+
+
+def test_open_loop_sends_an_explicit_total():
+    """A process given ``total`` (its share of the MSGs) sends exactly that many."""
+    net = Net()
+    net.start(connections=1, rate=10 / 3, duration=1, total=4)
+    net.complete()
+    for _ in range(5):
+        net.reactor.advance(0.5)
+        net.pump()
+    assert net.result.acked == 4 and len(net.server.verbs("MSG")) == 4
+
+
+class SocketTransport(StringTransport):
+    """Looks like a tcp.Client from outside: a ``socket``, empty write buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.dataBuffer, self._tempDataBuffer = b"", []
+        self.socket = self
+        self.raw = []
+
+    def send(self, data):
+        self.raw.append(data)
+        return len(data)
+
+
+def test_wrapping_transport_gets_the_bytes_not_the_raw_socket():
+    """Under a wrapping transport (TLS is one), writes go through the wrapper, never
+    straight to the socket found through the wrapper's attribute forwarding."""
+    from twisted.internet.address import IPv4Address
+    from twisted.protocols.policies import WrappingFactory
+
+    b = Bench(BenchConfig(endpoint="e", user="alice", connections=1), MemoryReactorClock())
+    wrapper = WrappingFactory(b).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = SocketTransport()
+    wrapper.makeConnection(transport)
+    wrapper.dataReceived(b"HELLO cserver fake\r\n")
+    assert transport.raw == [] and transport.value() == b"AUTH alice\n"
+
+
 def test_open_loop_measures_latency_from_the_intended_send_time():
     """--rate: MSGs go out on schedule even while the server stalls, and latency counts
     from each MSG's intended time (no coordinated omission)."""
@@ -367,6 +475,17 @@ def test_report_merges_processes():
     assert math.isclose(report.messages_ms, 400.0) and not report.ok
 
 
+@pytest.mark.parametrize("connections,processes,rate,duration", [
+    (3, 3, 10.0, 1.0), (10, 3, 100.0, 0.35), (7, 4, 3.0, 2.5), (5, 2, 1.0, 0.5)])
+def test_split_open_loop_counts_add_up(connections, processes, rate, duration):
+    """--rate with --processes: the children's MSG counts add up to round(rate x
+    duration), so the merged report can be ok."""
+    config = BenchConfig(endpoint="e", user="u", connections=connections, rate=rate,
+                         duration=duration)
+    parts = bench.split(config, processes)
+    assert sum(p.total_messages() for p in parts) == config.total_messages()
+
+
 def test_split_shares_connections_and_rate():
     """--processes: connections split evenly with distinct numbering, rate in proportion."""
     config = BenchConfig(endpoint="e", user="u", connections=10, rate=100.0)
@@ -376,10 +495,12 @@ def test_split_shares_connections_and_rate():
 
 
 def test_table_lists_phases_and_latency():
-    """The human report names every phase, the throughput and the percentiles."""
+    """The human report names every phase, the throughput, the percentiles, the
+    connections the server had open at the barrier, and its peak since it started."""
     config = BenchConfig(endpoint="e", user="u", connections=2)
-    table = bench.format_table(bench.make_report(config, [sample_result()]))
-    for word in ("connect+auth", "messages", "quit", "total", "msg/s", "p99.9", "peak 2"):
+    table = bench.format_table(bench.make_report(config, [sample_result(peak=7)]))
+    for word in ("connect+auth", "messages", "quit", "total", "msg/s", "p99.9",
+                 "2 connections open at the barrier", "peak 7 since server start"):
         assert word in table
 
 
@@ -394,6 +515,77 @@ def test_open_file_limit_too_low_is_explained(monkeypatch):
     assert calls == [(512, 512)]
     assert "1000 connections" in message and "ulimit -n" in message
     assert bench.ensure_open_files(100) is None
+
+
+FAKE_CHILD = r"""
+import json, os, select, sys, time
+mode = sys.argv[1]
+data = b""
+while b"\n" not in data:
+    data += os.read(0, 65536)
+config = json.loads(data.partition(b"\n")[0])
+if mode == "die":
+    sys.exit(3)
+os.write(1, b"ready\n")
+if mode == "hang":
+    time.sleep(60)
+readable, _, _ = select.select([0], [], [], 5)
+word = os.read(0, 100).decode().strip() if readable else "nothing"
+if mode == "quiet":
+    time.sleep(1.0)
+n = config["connections"]
+os.write(1, json.dumps({"requested": n, "opened": n, "authenticated": n,
+                        "notes": [word]}).encode() + b"\n")
+"""
+
+
+def fake_children(*modes, spawned=None):
+    """A spawn function for run_processes: child i runs FAKE_CHILD in ``modes[i]``."""
+    import subprocess
+    import sys
+
+    modes = iter(modes)
+
+    def spawn():
+        mode = next(modes)
+        if mode == "fail":
+            raise OSError(errno.EAGAIN, "fork failed")
+        child = subprocess.Popen([sys.executable, "-c", FAKE_CHILD, mode],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if spawned is not None:
+            spawned.append(child)
+        return child
+
+    return spawn
+
+
+def test_parent_waits_for_children_that_are_silent_after_go():
+    """Once ``go`` is sent the parent does not time children out (they have their own
+    watchdog): children silent longer than --timeout plus the slack are not killed."""
+    config = BenchConfig(endpoint="e", user="u", connections=2, timeout=0.2)
+    results = bench.run_processes(config, 2, spawn=fake_children("quiet", "quiet"),
+                                  slack=0.2)
+    assert [r.notes for r in results] == [["go"], ["go"]]
+    assert all(r.errors == {} for r in results)
+
+
+def test_child_exiting_before_ready_releases_the_others():
+    """A child that exits without a report before the barrier makes the parent tell
+    the children waiting there to abort, at once."""
+    config = BenchConfig(endpoint="e", user="u", connections=2)
+    results = bench.run_processes(config, 2, spawn=fake_children("die", "wait"))
+    assert results[0].errors == {"process": 1}
+    assert results[1].notes == ["abort"]
+
+
+def test_children_are_killed_when_the_parent_fails():
+    """An exception in the parent (here: the second child cannot be started) kills and
+    reaps the children already running instead of leaving them behind."""
+    spawned = []
+    config = BenchConfig(endpoint="e", user="u", connections=2)
+    with pytest.raises(OSError):
+        bench.run_processes(config, 2, spawn=fake_children("hang", "fail", spawned=spawned))
+    assert len(spawned) == 1 and spawned[0].returncode is not None
 
 
 def test_main_refuses_more_processes_than_connections(capsys):
