@@ -156,6 +156,7 @@ class WorkerSupervisor(Service):
         self._delays = [0.0] * self.count
         self._restarts = {}
         self._totals = None
+        self._last_totals = None
         self.stopping = False
 
     def startService(self):
@@ -236,12 +237,30 @@ class WorkerSupervisor(Service):
         self._restarts[index] = self.reactor.callLater(delay, self._spawn, index)
 
     def log_totals(self):
+        """
+        Log the totals over the workers and, when they changed since the last
+        ``totals`` record, journal one (the C original's parent, too, writes
+        its periodic totals into the append-only log).
+        """
         totals = self.shared.totals()
         self.log.info(
             "totals: {total} messages in the journal, served {served}, connections "
             "{connections}, in flight {inflight}, auth failures {auth_failures}",
             total=self.shared.header.messages, **totals,
         )
+        fields = {
+            "total": self.shared.header.messages,
+            "served": totals["served"],
+            "connections": totals["connections"],
+            "inflight": totals["inflight"],
+            "auth_failures": totals["auth_failures"],
+            "workers": sum(1 for process in self.processes if process is not None),
+        }
+        if fields != self._last_totals:
+            self._last_totals = fields
+            d = self._record("totals", "totals", fields)
+            d.addErrback(lambda failure: self.log.error(
+                "could not journal the totals: {error}", error=failure.value))
 
     def _record(self, kind, message, fields):
         from cserver.journal import ACK, EVENT, FIELDS

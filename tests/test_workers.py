@@ -280,3 +280,34 @@ def test_sigkill_of_the_parent_leaves_no_worker_running(server):
     assert len(pids) == 2 and all(_running(pid) for pid in pids.values())
     process.kill()
     assert _wait_gone(pids.values(), 10), "a worker outlived its parent"
+
+
+def test_parent_journals_totals_when_they_change():
+    """The parent's periodic totals go into the journal, once per change."""
+    from twisted.internet.task import Clock
+
+    from cserver.journal import MemoryJournal
+    from cserver.recovery import Recovery
+    from cserver.shared import Shared
+    from cserver.workers import WorkerSupervisor
+
+    clock = Clock()
+    journal = MemoryJournal(clock)
+    shared = Shared.create(2)
+    try:
+        service = WorkerSupervisor(clock, shared, journal, Recovery(), [object(), object()], [])
+        shared.slot(0).served = 3
+        shared.slot(1).served = 4
+        shared.header.messages = 7
+        service.log_totals()
+        service.log_totals()
+        clock.advance(0)
+        shared.slot(1).connections = 2
+        service.log_totals()
+        clock.advance(0)
+        records = journal.records()
+        assert [r["event"] for r in records] == ["totals", "totals"]
+        assert (records[0]["served"], records[0]["total"]) == (7, 7)
+        assert records[1]["connections"] == 2
+    finally:
+        shared.close()
