@@ -29,6 +29,7 @@ from json import dumps, loads
 from json.encoder import encode_basestring as _quote
 from time import time
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from zope.interface import Attribute, Interface, implementer
 
@@ -65,6 +66,23 @@ class JournalLogger(Logger):
         kwargs["log_format"] = format
         kwargs["log_time"] = time()
         self.observer(kwargs)
+
+    def record(self, kind, fields, format):
+        """
+        Emit, at level info, a record other than a message (``start``,
+        ``stop``, ``totals``...) with ``fields``; the Deferred fires with its
+        seq once it is durable, or fails with OSError.
+        """
+        d = Deferred()
+
+        def ack(seq, reason):
+            if reason is None:
+                d.callback(seq)
+            else:
+                d.errback(OSError(reason))
+
+        self.emit(LogLevel.info, format, **{EVENT: kind, FIELDS: fields, ACK: ack}, **fields)
+        return d
 
     def message(self, user, text, peer, ack):
         """

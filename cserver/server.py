@@ -12,7 +12,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from cserver import __version__
-from cserver.journal import ACK, EVENT, FIELDS, JournalLogger
+from cserver.journal import EVENT, FIELDS, JournalLogger
 from cserver.protocol import CServerProtocol
 
 
@@ -132,26 +132,14 @@ class CServerFactory(ServerFactory):
             "torn_bytes": recovery.torn_bytes,
             "torn_file": recovery.torn_path,
         }
-        return self._record("start", fields, "cserver {version} starting")
+        return self.journal_log.record("start", fields, "cserver {version} starting")
 
     def record_stop(self):
         """
         Journal the ``stop`` record; fires once it is durable.
         """
         fields = {"served": self.served, "total": self.total}
-        return self._record("stop", fields, "cserver stopping")
-
-    def _record(self, kind, fields, message):
-        d = defer.Deferred()
-
-        def ack(seq, reason):
-            if reason is None:
-                d.callback(seq)
-            else:
-                d.errback(OSError(reason))
-
-        self.journal_log.info(message, **{EVENT: kind, FIELDS: fields, ACK: ack}, **fields)
-        return d
+        return self.journal_log.record("stop", fields, "cserver stopping")
 
     def drain(self):
         """

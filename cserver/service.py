@@ -54,7 +54,7 @@ class CServerService(Service):
             self.running = False
             failures[0].raiseException()
         if self.exit_cleanly:
-            self.reactor.callWhenRunning(self._handle_signals)
+            self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log)
 
     def _listened(self, port):
         self.port = port
@@ -69,20 +69,6 @@ class CServerService(Service):
             seq=journal.recovery.last_seq,
         )
         return port
-
-    def _handle_signals(self):
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._stop_on_signal)
-
-    def _stop_on_signal(self, number, frame):
-        self.log.info("received signal {number}, stopping", number=number)
-        self.reactor.callFromThread(self._stop_reactor)
-
-    def _stop_reactor(self):
-        try:
-            self.reactor.stop()
-        except ReactorNotRunning:
-            pass  # a second signal while stopping
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -103,6 +89,28 @@ class CServerService(Service):
             served=self.factory.served,
             total=self.factory.total,
         )
+
+
+def stop_cleanly_on_signals(reactor, log):
+    """
+    Make SIGTERM and SIGINT stop ``reactor`` (a graceful stop: the services'
+    stopService run) and let the process exit with status 0.  twistd's own
+    handlers make it exit by the signal instead.  A second signal while
+    stopping is ignored.
+    """
+
+    def stop():
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def handler(number, frame):
+        log.info("received signal {number}, stopping", number=number)
+        reactor.callFromThread(stop)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, handler)
 
 
 def _describe_address(address):

@@ -11,17 +11,17 @@ gracefully before it writes the ``stop`` record.  See docs/workers-design.rst.
 
 import os
 import re
-import signal
 import socket
 import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone, ReactorNotRunning
+from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from cserver import __version__
+from cserver.service import stop_cleanly_on_signals
 
 #: Seconds before the first restart of a worker that died.
 RESTART_DELAY = 0.5
@@ -169,7 +169,7 @@ class WorkerSupervisor(Service):
                 "journal {path}: cut a torn tail of {count} bytes, saved in {side}",
                 path=self.journal.path, count=recovery.torn_bytes, side=recovery.torn_path,
             )
-        self._record("start", "cserver {version} starting", {
+        self.journal_log.record("start", {
             "version": __version__,
             "records": recovery.records,
             "last_seq": recovery.last_seq,
@@ -177,7 +177,7 @@ class WorkerSupervisor(Service):
             "torn_bytes": recovery.torn_bytes,
             "torn_file": recovery.torn_path,
             "workers": self.count,
-        })
+        }, "cserver {version} starting")
         for index in range(self.count):
             self._spawn(index)
         host, port = self.sockets[0].getsockname()[:2]
@@ -192,7 +192,7 @@ class WorkerSupervisor(Service):
         self._totals.clock = self.reactor
         self._totals.start(TOTALS_INTERVAL, now=False)
         if self.exit_cleanly:
-            self.reactor.callWhenRunning(self._handle_signals)
+            self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log)
 
     def _spawn(self, index):
         self._restarts.pop(index, None)
@@ -258,39 +258,11 @@ class WorkerSupervisor(Service):
         }
         if fields != self._last_totals:
             self._last_totals = fields
-            d = self._record("totals", "totals", fields)
+            d = self.journal_log.record("totals", fields, "totals")
             d.addErrback(lambda failure: self.log.error(
                 "could not journal the totals: {error}", error=failure.value))
 
-    def _record(self, kind, message, fields):
-        from cserver.journal import ACK, EVENT, FIELDS
-
-        d = defer.Deferred()
-
-        def ack(seq, reason):
-            if reason is None:
-                d.callback(seq)
-            else:
-                d.errback(OSError(reason))
-
-        self.journal_log.info(message, **{EVENT: kind, FIELDS: fields, ACK: ack}, **fields)
-        return d
-
     # -- stopping -----------------------------------------------------------------------
-
-    def _handle_signals(self):
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._stop_on_signal)
-
-    def _stop_on_signal(self, number, frame):
-        self.log.info("received signal {number}, stopping the workers", number=number)
-        self.reactor.callFromThread(self._stop_reactor)
-
-    def _stop_reactor(self):
-        try:
-            self.reactor.stop()
-        except ReactorNotRunning:
-            pass  # a second signal while stopping
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -313,8 +285,9 @@ class WorkerSupervisor(Service):
         totals = self.shared.totals()
         total = self.shared.header.messages
         try:
-            yield self._record("stop", "cserver stopping",
-                               {"served": totals["served"], "total": total})
+            yield self.journal_log.record(
+                "stop", {"served": totals["served"], "total": total}, "cserver stopping"
+            )
         except OSError as e:
             self.log.error("could not journal the stop record: {error}", error=e)
         self.journal.close()
