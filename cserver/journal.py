@@ -718,6 +718,8 @@ class SharedFileJournal(FileJournal):
             return
         try:
             if kind == "message":
+                # The base class's message line without its seq: spelled out
+                # again so that each hot path stays one f-string.
                 quoted = self._quoted
                 user = event["user"]
                 peer = event["peer"]

@@ -85,6 +85,18 @@ class Recovery:
     torn_bytes: int = 0
     torn_path: str | None = None
 
+    def summary(self):
+        """
+        What the ``start`` record says of the recovery.
+        """
+        return {
+            "records": self.records,
+            "last_seq": self.last_seq,
+            "messages": self.messages,
+            "torn_bytes": self.torn_bytes,
+            "torn_file": self.torn_path,
+        }
+
 
 def recover(path, chunk_size=CHUNK):
     """

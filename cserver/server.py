@@ -123,15 +123,7 @@ class CServerFactory(ServerFactory):
         """
         Journal the ``start`` record, with what recovery found.
         """
-        recovery = self.journal.recovery
-        fields = {
-            "version": __version__,
-            "records": recovery.records,
-            "last_seq": recovery.last_seq,
-            "messages": recovery.messages,
-            "torn_bytes": recovery.torn_bytes,
-            "torn_file": recovery.torn_path,
-        }
+        fields = {"version": __version__, **self.journal.recovery.summary()}
         return self.journal_log.record("start", fields, "cserver {version} starting")
 
     def record_stop(self):

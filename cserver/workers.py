@@ -169,15 +169,8 @@ class WorkerSupervisor(Service):
                 "journal {path}: cut a torn tail of {count} bytes, saved in {side}",
                 path=self.journal.path, count=recovery.torn_bytes, side=recovery.torn_path,
             )
-        self.journal_log.record("start", {
-            "version": __version__,
-            "records": recovery.records,
-            "last_seq": recovery.last_seq,
-            "messages": recovery.messages,
-            "torn_bytes": recovery.torn_bytes,
-            "torn_file": recovery.torn_path,
-            "workers": self.count,
-        }, "cserver {version} starting")
+        fields = {"version": __version__, **recovery.summary(), "workers": self.count}
+        self.journal_log.record("start", fields, "cserver {version} starting")
         for index in range(self.count):
             self._spawn(index)
         host, port = self.sockets[0].getsockname()[:2]
