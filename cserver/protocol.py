@@ -9,7 +9,7 @@ connection reaches the shared state only through ``self.factory``
 from collections import deque
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -55,7 +55,7 @@ class _Reply:
             protocol._update_flow()
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class CServerProtocol(LineReceiver):
     """
     The server side of one connection.
@@ -98,8 +98,18 @@ class CServerProtocol(LineReceiver):
             return
         self._counted = True
         self.MAX_LENGTH = factory.max_line
-        self.transport.registerProducer(self, True)
+        if not ISSLTransport.providedBy(self.transport):
+            self.transport.registerProducer(self, True)
         self.transport.write(_GREETING)
+
+    def handshakeCompleted(self):
+        """
+        TLS is up: only now become the transport's producer.  During the
+        handshake the TLS layer buffers the greeting and pauses its producer;
+        pausing would stop reading, and so stall the handshake itself.
+        """
+        if not self._closing:
+            self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason):
         self._closing = True
