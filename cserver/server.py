@@ -144,6 +144,22 @@ class CServerFactory(ServerFactory):
         self._drained.append(d)
         return d
 
+    @defer.inlineCallbacks
+    def close_connections(self, timeout=2.0):
+        """
+        Close every connection once what is written to it is sent (the
+        reactor's own shutdown would drop connections with their last
+        replies unsent); fires when all are closed or after ``timeout``.
+        """
+        from twisted.internet.task import deferLater
+
+        yield deferLater(self.clock, 0, lambda: None)  # the last acks reach the transports
+        for protocol in list(self.protocols):
+            protocol.transport.loseConnection()
+        deadline = self.clock.seconds() + timeout
+        while self.connections and self.clock.seconds() < deadline:
+            yield deferLater(self.clock, 0.01, lambda: None)
+
     # -- connections --------------------------------------------------------
 
     def connection_made(self, protocol):

@@ -79,6 +79,7 @@ class CServerService(Service):
         elif self._listening is not None:
             self._listening.cancel()
         yield self.factory.drain()
+        yield self.factory.close_connections()
         try:
             yield self.factory.record_stop()
         except OSError as e:

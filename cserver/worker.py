@@ -170,27 +170,11 @@ class Worker:
         if self.port is not None:
             yield self.port.stopListening()
         yield self.factory.drain()
-        yield self._close_connections()
+        yield self.factory.close_connections()
         self.factory.publish()
         self.factory.journal.close()
         self.log.info("worker {index} stopped: served {served}", index=self.factory.index,
                       served=self.factory.served)
-
-
-    @defer.inlineCallbacks
-    def _close_connections(self, timeout=2.0):
-        """
-        Close every connection once what is written to it is sent (the
-        reactor's own shutdown would drop them with the last replies unsent).
-        """
-        from twisted.internet.task import deferLater
-
-        yield deferLater(self.reactor, 0, lambda: None)  # the last acks reach the transports
-        for protocol in list(self.factory.protocols):
-            protocol.transport.loseConnection()
-        deadline = self.reactor.seconds() + timeout
-        while self.factory.connections and self.reactor.seconds() < deadline:
-            yield deferLater(self.reactor, 0.01, lambda: None)
 
 
 def parse_args(argv):
