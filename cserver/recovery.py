@@ -117,6 +117,23 @@ def recover(path, chunk_size=CHUNK):
     return result
 
 
+def check(path, chunk_size=CHUNK):
+    """
+    Validate and count the journal at ``path`` as :func:`recover` does, and
+    change nothing: a torn tail is reported, not cut (``cserver-journal``).
+
+    @return: a :class:`Recovery` whose ``size`` is the offset where the valid
+        records end and ``torn_bytes`` how many bytes follow them.
+    @raise JournalDamaged: when a record before the end is damaged.
+    @raise OSError: when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        result, tail_offset, tail = _scan(path, f, chunk_size)
+    result.size = tail_offset
+    result.torn_bytes = len(tail)
+    return result
+
+
 def _scan(path, f, chunk_size):
     """
     Count the valid records; return the result, the offset where they end,
