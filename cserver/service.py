@@ -3,6 +3,9 @@
 Start: journal the ``start`` record, then listen.  Stop (SIGTERM, SIGINT):
 stop listening, answer every MSG in flight, journal the ``stop`` record,
 close the journal.
+Under systemd (``Type=notify``), ``READY=1`` goes out once the ``start``
+record is durable and the port is listening, ``WATCHDOG=1`` while running,
+``STOPPING=1`` when the stop begins (see :mod:`cserver.notify`).
 """
 
 import signal
@@ -13,6 +16,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from cserver import __version__
+from cserver.notify import Notifier
 
 
 class CServerService(Service):
@@ -23,12 +27,15 @@ class CServerService(Service):
     @ivar exit_cleanly: replace twistd's SIGTERM and SIGINT handlers, which
         make the process exit by the signal, with ones that stop the
         reactor so that a graceful stop exits with status 0.
+    @ivar notifier: a :class:`cserver.notify.Notifier` (default: one for
+        this process's environment: silent unless ``$NOTIFY_SOCKET`` is set).
     """
 
     log = Logger()
 
-    def __init__(self, factory, endpoint, reactor, exit_cleanly=False):
+    def __init__(self, factory, endpoint, reactor, exit_cleanly=False, notifier=None):
         self.factory = factory
+        self.notifier = Notifier() if notifier is None else notifier
         self.endpoint = endpoint
         self.reactor = reactor
         self.exit_cleanly = exit_cleanly
@@ -46,13 +53,16 @@ class CServerService(Service):
                 count=recovery.torn_bytes,
                 side=recovery.torn_path,
             )
-        self.factory.record_start()
+        started = self.factory.record_start()
         self._listening = self.endpoint.listen(self.factory)
         failures = []
         self._listening.addCallbacks(self._listened, failures.append)
         if failures:
             self.running = False
             failures[0].raiseException()
+        # The Deferreds keep their own results (and errors): this only watches.
+        defer.DeferredList([started, self._listening]).addCallback(self._ready)
+        self.notifier.start_watchdog(self.reactor)
         if self.exit_cleanly:
             self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log)
 
@@ -70,9 +80,20 @@ class CServerService(Service):
         )
         return port
 
+    def _ready(self, results):
+        if not self.running or self.port is None or not all(ok for ok, _ in results):
+            return
+        journal = self.factory.journal
+        self.notifier.ready(
+            f"listening on {_describe_address(self.port.getHost())}; "
+            f"{journal.recovery.records} records in the journal"
+        )
+
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        self.notifier.stopping()
+        self.notifier.stop_watchdog()
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
@@ -97,7 +118,8 @@ def stop_cleanly_on_signals(reactor, log):
     Make SIGTERM and SIGINT stop ``reactor`` (a graceful stop: the services'
     stopService run) and let the process exit with status 0.  twistd's own
     handlers make it exit by the signal instead.  A second signal while
-    stopping is ignored.
+    stopping is ignored, and so is SIGHUP (which would otherwise end the
+    process), with a log line.
     """
 
     def stop():
@@ -112,6 +134,11 @@ def stop_cleanly_on_signals(reactor, log):
 
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, handler)
+
+    def hangup(number, frame):
+        log.warn("received SIGHUP: ignored (reopening the journal is not supported yet)")
+
+    signal.signal(signal.SIGHUP, hangup)
 
 
 def _describe_address(address):

@@ -6,7 +6,9 @@ worker; it keeps them all open, so a restarting worker's queue is not
 reset), and runs N :mod:`cserver.worker` processes.  It writes the ``start``
 and ``stop`` records, restarts a worker that dies (with a backoff), logs the
 global totals every 10 s, and on SIGTERM or SIGINT stops every worker
-gracefully before it writes the ``stop`` record.  See docs/workers-design.rst.
+gracefully before it writes the ``stop`` record.  Under systemd it is the
+main process: it sends ``READY=1`` (the ``start`` record durable, the sockets
+listening), ``WATCHDOG=1`` and ``STOPPING=1``.  See docs/workers-design.rst.
 """
 
 import os
@@ -21,6 +23,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from cserver import __version__
+from cserver.notify import Notifier
 from cserver.service import stop_cleanly_on_signals
 
 #: Seconds before the first restart of a worker that died.
@@ -135,14 +138,17 @@ class WorkerSupervisor(Service):
     records.
 
     @ivar processes: the running :class:`WorkerProcess` of each index, or None.
+    @ivar notifier: a :class:`cserver.notify.Notifier` (default: one for this
+        process's environment).
     """
 
     log = Logger(namespace="cserver.workers")
 
     def __init__(self, reactor, shared, journal, recovery, sockets, worker_argv,
-                 exit_cleanly=False):
+                 exit_cleanly=False, notifier=None):
         from cserver.journal import JournalLogger
 
+        self.notifier = Notifier() if notifier is None else notifier
         self.reactor = reactor
         self.shared = shared
         self.journal = journal
@@ -170,7 +176,8 @@ class WorkerSupervisor(Service):
                 path=self.journal.path, count=recovery.torn_bytes, side=recovery.torn_path,
             )
         fields = {"version": __version__, **recovery.summary(), "workers": self.count}
-        self.journal_log.record("start", fields, "cserver {version} starting")
+        started = self.journal_log.record("start", fields, "cserver {version} starting")
+        started.addCallback(self._ready)
         for index in range(self.count):
             self._spawn(index)
         host, port = self.sockets[0].getsockname()[:2]
@@ -184,8 +191,17 @@ class WorkerSupervisor(Service):
         self._totals = LoopingCall(self.log_totals)
         self._totals.clock = self.reactor
         self._totals.start(TOTALS_INTERVAL, now=False)
+        self.notifier.start_watchdog(self.reactor)
         if self.exit_cleanly:
             self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log)
+
+    def _ready(self, seq):
+        # The sockets listen since make_service: a connection waits in the
+        # backlog until a worker accepts it.
+        if self.running and not self.stopping:
+            host, port = self.sockets[0].getsockname()[:2]
+            self.notifier.ready(f"listening on {host}:{port} with {self.count} workers")
+        return seq
 
     def _spawn(self, index):
         self._restarts.pop(index, None)
@@ -261,6 +277,8 @@ class WorkerSupervisor(Service):
     def stopService(self):
         super().stopService()
         self.stopping = True
+        self.notifier.stopping()
+        self.notifier.stop_watchdog()
         if self._totals is not None and self._totals.running:
             self._totals.stop()
         for call in self._restarts.values():

@@ -98,6 +98,18 @@ def test_second_signal_while_stopping_is_harmless(server):
     assert [r["event"] for r in read_journal(process.journal)] == ["start", "message", "stop"]
 
 
+def test_sighup_does_not_stop_the_server(server):
+    """SIGHUP is logged and ignored: the server keeps serving and later stops cleanly."""
+    process = server()
+    client = process.connect()  # a greeting: the reactor runs, its handlers are in
+    process.process.send_signal(signal.SIGHUP)
+    assert process.wait_for("received SIGHUP", 10)
+    assert client.request("AUTH alice") == "OK alice"
+    assert client.request("MSG after hup") == "OK 2"
+    client.close()
+    assert process.stop() == 0
+
+
 def _wait_inflight(process):
     """Wait (by asking the server) until a MSG is in flight."""
     probe = process.connect()
