@@ -65,6 +65,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "(to show requests overlapping).", _seconds],
         ["workers", None, 1, "Server processes (1: one process; N > 1: a parent and N "
          "workers sharing one tcp port and the journal).", _positive_int],
+        ["metrics", None, None, "Endpoint description to serve Prometheus metrics on, at "
+         "/metrics (e.g. tcp:9100:interface=127.0.0.1; needs the metrics extra). "
+         "Default: none."],
     ]
 
     def opt_auth(self, description):
@@ -89,6 +92,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["workers"] > 1 and self["port"].split(":", 1)[0] not in ("tcp", "tcp6"):
             raise usage.UsageError("--workers needs a tcp: or tcp6: --port (each worker "
                                    "gets its own SO_REUSEPORT socket)")
+        if self["metrics"] is not None:
+            try:
+                import prometheus_client  # noqa: F401
+            except ImportError:
+                raise usage.UsageError(
+                    "--metrics needs prometheus_client: pip install 'cserver[metrics]'"
+                ) from None
 
 
 def with_backlog(description):
@@ -130,11 +140,23 @@ def makeService(config):
     from cserver.service import CServerService
 
     log = Logger(namespace="cserver.tap")
+    metrics_endpoint = None
+    if config.get("metrics"):
+        try:
+            metrics_endpoint = serverFromString(reactor, config["metrics"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"cserver: bad --metrics endpoint {config['metrics']!r}: {e}") \
+                from None
     if config.get("workers", 1) > 1:
         from cserver.workers import make_service
 
         raise_open_file_limit(config["max-connections"] + 64)
-        return make_service(config, reactor)
+        supervisor = make_service(config, reactor)
+        if metrics_endpoint is None:
+            return supervisor
+        from cserver.metrics import workers_registry
+
+        return with_metrics(supervisor, metrics_endpoint, workers_registry(supervisor.shared))
     limits = Limits(
         max_connections=config["max-connections"],
         idle_timeout=config["idle-timeout"],
@@ -168,8 +190,32 @@ def makeService(config):
     factory = CServerFactory(journal, portal, reactor, limits)
     endpoint = serverFromString(reactor, config["port"])
     service = CServerService(factory, endpoint, reactor, exit_cleanly=True)
+    if metrics_endpoint is not None:
+        from cserver.metrics import server_registry
+
+        service = with_metrics(service, metrics_endpoint, server_registry(factory))
     tune_interpreter()
     return service
+
+
+def with_metrics(server, endpoint, registry):
+    """
+    A MultiService running, on ``endpoint``, the metrics site for
+    ``registry`` and ``server``; ``.metrics`` and ``.server`` are the two.
+    The metrics site starts first (a metrics port that cannot be bound stops
+    the start before the journal gets a ``start`` record) and stops last
+    (it answers while the server drains).
+    """
+    from twisted.application.service import MultiService
+
+    from cserver.metrics import MetricsService, metrics_site
+
+    parent = MultiService()
+    parent.server = server
+    parent.metrics = MetricsService(endpoint, metrics_site(registry))
+    parent.metrics.setServiceParent(parent)
+    server.setServiceParent(parent)
+    return parent
 
 
 def tune_interpreter():

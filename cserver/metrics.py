@@ -1,0 +1,257 @@
+"""``--metrics ENDPOINT``: the server's figures as Prometheus text at ``/metrics``.
+
+Nothing here runs per message.  The collectors read the live counters when
+Prometheus scrapes: :class:`ServerCollector` reads a
+:class:`cserver.server.CServerFactory` (one process); :class:`WorkersCollector`
+reads the shared memory of ``--workers N`` (the totals, and each worker's
+figures labelled ``worker="0"`` .. ``worker="N-1"``).  The only timing on a
+hot path is the fsync histogram: :func:`time_fsync` wraps a journal's
+``_os_fdatasync`` on the instance (one ``perf_counter`` pair per fdatasync,
+in the journal's sync thread; prometheus_client's histogram is thread-safe).
+
+The page is rendered by :class:`MetricsResource` on the reactor thread, so
+the figures of one scrape are one consistent snapshot; it does not use
+``prometheus_client.twisted`` (which imports the reactor when imported and
+renders in a thread pool).  This module needs ``prometheus_client`` (the
+``metrics`` extra); :mod:`cserver.tap` imports it only when ``--metrics`` is
+given.
+"""
+
+import time
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application.service import Service
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+#: Upper bounds, in seconds, of the fsync latency histogram's buckets.
+FSYNC_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+)
+
+
+class ServerCollector:
+    """
+    The figures of one :class:`cserver.server.CServerFactory`, read at
+    scrape time.
+    """
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def collect(self):
+        f = self.factory
+        yield CounterMetricFamily(
+            "cserver_messages", "Message records in the journal, all time.", value=f.total)
+        yield CounterMetricFamily(
+            "cserver_messages_served", "Messages acknowledged since the server started.",
+            value=f.served)
+        yield GaugeMetricFamily("cserver_connections", "Connections open now.",
+                                value=f.connections)
+        yield GaugeMetricFamily("cserver_connections_peak",
+                                "The most connections open at once since start.", value=f.peak)
+        yield GaugeMetricFamily("cserver_inflight", "MSGs received and not yet answered.",
+                                value=f.inflight)
+        yield GaugeMetricFamily("cserver_inflight_peak",
+                                "The most MSGs in flight at once since start.",
+                                value=f.inflight_peak)
+        yield CounterMetricFamily("cserver_auth_failures", "Failed AUTHs since start.",
+                                  value=f.auth_failures)
+        yield GaugeMetricFamily("cserver_journal_bytes", "The journal file's size in bytes.",
+                                value=f.journal.size)
+
+
+#: (metric suffix, shared slot field, kind, help) of the per-worker figures.
+_WORKER_FIGURES = (
+    ("messages_served", "served", "counter", "Messages acknowledged since the server started."),
+    ("connections", "connections", "gauge", "Connections open now."),
+    ("connections_peak", "peak", "gauge", "The most connections open at once since start."),
+    ("inflight", "inflight", "gauge", "MSGs received and not yet answered."),
+    ("inflight_peak", "inflight_peak", "gauge", "The most MSGs in flight at once since start."),
+    ("auth_failures", "auth_failures", "counter", "Failed AUTHs since start."),
+)
+
+
+class WorkersCollector:
+    """
+    The figures of ``--workers N``, read from the shared memory
+    (:class:`cserver.shared.Shared`) in the parent: ``cserver_*`` are the
+    totals (the names a single process exports; the peaks are summed over
+    the workers, an upper bound), ``cserver_worker_*{worker="i"}`` each
+    worker's own.  The workers publish their counters every 0.2 s, so a
+    scrape may lag that much.
+    """
+
+    def __init__(self, shared):
+        self.shared = shared
+
+    def collect(self):
+        shared = self.shared
+        header = shared.header
+        totals = shared.totals()
+        slots = [shared.slot(index) for index in range(shared.workers)]
+        yield CounterMetricFamily(
+            "cserver_messages", "Message records in the journal, all time.",
+            value=header.messages)
+        yield GaugeMetricFamily("cserver_journal_bytes", "The journal file's size in bytes.",
+                                value=header.end)
+        yield GaugeMetricFamily("cserver_workers", "Worker processes running now.",
+                                value=sum(1 for slot in slots if slot.pid))
+        for suffix, field, kind, documentation in _WORKER_FIGURES:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"cserver_{suffix}", documentation + " Sum over the workers.",
+                         value=totals[field])
+            per_worker = family(f"cserver_worker_{suffix}", documentation + " One worker.",
+                                labels=["worker"])
+            for index, slot in enumerate(slots):
+                per_worker.add_metric([str(index)], getattr(slot, field))
+            yield per_worker
+        up = GaugeMetricFamily("cserver_worker_up", "1 while the worker runs.",
+                               labels=["worker"])
+        for index, slot in enumerate(slots):
+            up.add_metric([str(index)], 1 if slot.pid else 0)
+        yield up
+
+
+def fsync_histogram(registry):
+    """
+    The ``cserver_journal_fsync_seconds`` histogram, registered in ``registry``.
+    """
+    return Histogram(
+        "cserver_journal_fsync_seconds", "Time each fdatasync of the journal took.",
+        buckets=FSYNC_BUCKETS, registry=registry,
+    )
+
+
+def time_fsync(journal, histogram, clock=time.perf_counter):
+    """
+    Time every fdatasync of ``journal`` into ``histogram`` by wrapping the
+    journal's ``_os_fdatasync`` attribute on the instance (the seam
+    :class:`cserver.journal.FileJournal` keeps for tests).  A failed call is
+    timed too.  Returns False, changing nothing, for a journal without
+    that attribute (:class:`cserver.journal.MemoryJournal`).
+    """
+    fdatasync = getattr(journal, "_os_fdatasync", None)
+    if fdatasync is None:
+        return False
+
+    def timed_fdatasync(fd):
+        start = clock()
+        try:
+            return fdatasync(fd)
+        finally:
+            histogram.observe(clock() - start)
+
+    journal._os_fdatasync = timed_fdatasync
+    return True
+
+
+def server_registry(factory, process=True):
+    """
+    A registry for one process: the factory's figures, the fsync histogram
+    (wired to the factory's journal) and, with ``process``, the process's
+    own (CPU, memory, open files).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(factory))
+    time_fsync(factory.journal, fsync_histogram(registry))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def workers_registry(shared, process=True):
+    """
+    A registry for the parent of ``--workers N``: the totals and per-worker
+    figures, and, with ``process``, the parent process's own.  No fsync
+    histogram: the workers do the fsyncs, in other processes.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkersCollector(shared))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsResource(Resource):
+    """
+    ``registry`` in the Prometheus text format, rendered on the reactor thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry):
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)
+
+
+class _QuietSite(Site):
+    """A site that keeps every scrape out of the log."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def metrics_site(registry):
+    """
+    The web site: ``/metrics`` (and ``/``) answer with ``registry``.
+    """
+    root = Resource()
+    page = MetricsResource(registry)
+    root.putChild(b"metrics", page)
+    root.putChild(b"", page)
+    return _QuietSite(root)
+
+
+class MetricsService(Service):
+    """
+    Serves ``site`` on ``endpoint`` while running and logs
+    ``metrics on tcp:HOST:PORT`` once it listens.  A port that cannot be
+    bound fails ``startService`` (twistd then exits with the error).
+    """
+
+    log = Logger(namespace="cserver.metrics")
+
+    def __init__(self, endpoint, site):
+        self.endpoint = endpoint
+        self.site = site
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        failures = []
+        self.endpoint.listen(self.site).addCallbacks(self._listened, failures.append)
+        if failures:
+            self.running = False
+            failures[0].raiseException()
+
+    def _listened(self, port):
+        self.port = port
+        self.log.info("metrics on {address}", address=describe_address(port.getHost()))
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+def describe_address(address):
+    """
+    ``tcp:HOST:PORT`` (``tcp6:``, ``unix:PATH``) of a listening address.
+    """
+    host = getattr(address, "host", None)
+    if host is None:
+        return f"unix:{getattr(address, 'name', '?')}"
+    return f"{address.type.lower()}:{host}:{address.port}"
