@@ -70,7 +70,12 @@ class Recovery:
     @ivar size: its size in bytes once any torn tail is cut.
     @ivar records: how many records it holds.
     @ivar last_seq: the seq of its last record, 0 if none.
-    @ivar messages: how many of its records are messages.
+    @ivar messages: how many of its records are messages -- plus, from
+        :func:`recover`, the ``carried`` messages of the files before it: the
+        server's all-time ``total``.
+    @ivar carried: the ``total`` of a ``reopen`` record that starts the file
+        (messages in the files before it, rotated away), else 0;
+        :func:`recover` only.
     @ivar users: messages per user.
     @ivar torn_bytes: how many bytes of torn tail were cut off.
     @ivar torn_path: the side file that holds them, or None.
@@ -84,6 +89,7 @@ class Recovery:
     users: dict = attrs.Factory(dict)
     torn_bytes: int = 0
     torn_path: str | None = None
+    carried: int = 0
 
     def summary(self):
         """
@@ -110,11 +116,30 @@ def recover(path, chunk_size=CHUNK):
         return Recovery(created=True)
     with f:
         result, tail_offset, tail = _scan(path, f, chunk_size)
+        if result.records:
+            result.carried = _carried(f)
+            result.messages += result.carried
     if tail:
         result.torn_bytes = len(tail)
         result.torn_path = _cut_tail(path, tail_offset, tail)
     result.size = tail_offset
     return result
+
+
+_REOPEN_HEAD = re.compile(rb'\{"seq":[0-9]++,"time":' + _NUM + rb',"event":"reopen",')
+
+
+def _carried(f):
+    """
+    The ``total`` of the ``reopen`` record that starts the (validated,
+    non-empty) journal ``f``, if it starts with one, else 0: one line read.
+    """
+    f.seek(0)
+    first = f.readline(1 << 20)
+    if not _REOPEN_HEAD.match(first):
+        return 0
+    total = loads(first).get("total")
+    return total if type(total) is int and total >= 0 else 0
 
 
 def check(path, chunk_size=CHUNK):

@@ -6,6 +6,7 @@ close the journal.
 Under systemd (``Type=notify``), ``READY=1`` goes out once the ``start``
 record is durable and the port is listening, ``WATCHDOG=1`` while running,
 ``STOPPING=1`` when the stop begins (see :mod:`cserver.notify`).
+SIGHUP reopens the journal at its path (log rotation).
 """
 
 import signal
@@ -64,7 +65,8 @@ class CServerService(Service):
         defer.DeferredList([started, self._listening]).addCallback(self._ready)
         self.notifier.start_watchdog(self.reactor)
         if self.exit_cleanly:
-            self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log)
+            self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log,
+                                         hangup=self.reopen_journal)
 
     def _listened(self, port):
         self.port = port
@@ -88,6 +90,27 @@ class CServerService(Service):
             f"listening on {_describe_address(self.port.getHost())}; "
             f"{journal.recovery.records} records in the journal"
         )
+
+    def reopen_journal(self):
+        """
+        Reopen the journal at its path (SIGHUP, ``systemctl reload``), for
+        log rotation; see :meth:`cserver.journal.FileJournal.reopen`.  A
+        failure is logged (by the journal too) and the server goes on with
+        the old file.
+
+        @return: a Deferred that fires with the ``reopen`` record's seq, or
+            None when nothing was reopened; it never fails.
+        """
+        reopen = getattr(self.factory.journal, "reopen", None)
+        if reopen is None:
+            self.log.warn("this journal cannot be reopened")
+            return defer.succeed(None)
+
+        def failed(failure):
+            failure.trap(OSError)
+            self.log.error("journal not reopened: {error}", error=failure.value)
+
+        return defer.maybeDeferred(reopen).addErrback(failed)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -113,13 +136,16 @@ class CServerService(Service):
         )
 
 
-def stop_cleanly_on_signals(reactor, log):
+def stop_cleanly_on_signals(reactor, log, hangup=None):
     """
     Make SIGTERM and SIGINT stop ``reactor`` (a graceful stop: the services'
     stopService run) and let the process exit with status 0.  twistd's own
     handlers make it exit by the signal instead.  A second signal while
-    stopping is ignored, and so is SIGHUP (which would otherwise end the
-    process), with a log line.
+    stopping is ignored.
+
+    SIGHUP (which would otherwise end the process) calls ``hangup()`` in the
+    reactor thread -- the single-process server reopens its journal -- or,
+    without ``hangup`` (the ``--workers`` parent), is logged and ignored.
     """
 
     def stop():
@@ -135,10 +161,14 @@ def stop_cleanly_on_signals(reactor, log):
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, handler)
 
-    def hangup(number, frame):
-        log.warn("received SIGHUP: ignored (reopening the journal is not supported yet)")
+    def ignore_hangup(number, frame):
+        log.warn("received SIGHUP: ignored (the journal is not reopened with --workers)")
 
-    signal.signal(signal.SIGHUP, hangup)
+    def reopen_on_hangup(number, frame):
+        log.info("received SIGHUP, reopening the journal")
+        reactor.callFromThread(hangup)
+
+    signal.signal(signal.SIGHUP, ignore_hangup if hangup is None else reopen_on_hangup)
 
 
 def _describe_address(address):

@@ -98,16 +98,20 @@ def test_second_signal_while_stopping_is_harmless(server):
     assert [r["event"] for r in read_journal(process.journal)] == ["start", "message", "stop"]
 
 
-def test_sighup_does_not_stop_the_server(server):
-    """SIGHUP is logged and ignored: the server keeps serving and later stops cleanly."""
+def test_sighup_reopens_the_journal_and_keeps_serving(server):
+    """SIGHUP reopens the journal: with nothing rotated it says so and keeps the same file;
+    the server keeps serving and later stops cleanly (rotation: tests/test_reopen.py)."""
     process = server()
     client = process.connect()  # a greeting: the reactor runs, its handlers are in
+    inode = os.stat(process.journal).st_ino
     process.process.send_signal(signal.SIGHUP)
-    assert process.wait_for("received SIGHUP", 10)
+    assert process.wait_for("nothing rotated", 10)
     assert client.request("AUTH alice") == "OK alice"
     assert client.request("MSG after hup") == "OK 2"
     client.close()
     assert process.stop() == 0
+    assert os.stat(process.journal).st_ino == inode
+    assert [r["event"] for r in read_journal(process.journal)] == ["start", "message", "stop"]
 
 
 def _wait_inflight(process):
