@@ -11,6 +11,8 @@ Two ways to log in, chosen by the server's options:
   one is wrapped in :class:`TextOrBytesChecker`.
 """
 
+import hmac
+
 import attrs
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
@@ -85,15 +87,33 @@ class TextOrBytesChecker:
 
     @defer.inlineCallbacks
     def requestAvatarId(self, credentials):
-        as_text = UsernamePassword(_text(credentials.username), _text(credentials.password))
+        as_text = ConstantTimeUsernamePassword(
+            _text(credentials.username), _text(credentials.password)
+        )
         try:
             avatar_id = yield self.checker.requestAvatarId(as_text)
         except error.UnauthorizedLogin:
-            as_bytes = UsernamePassword(
+            as_bytes = ConstantTimeUsernamePassword(
                 as_text.username.encode("utf-8"), as_text.password.encode("utf-8")
             )
             avatar_id = yield self.checker.requestAvatarId(as_bytes)
         return _text(avatar_id)
+
+
+class ConstantTimeUsernamePassword(UsernamePassword):
+    """
+    Username and password credentials whose ``checkPassword`` -- which the
+    stock ``memory:`` and ``file:`` checkers call with the stored password --
+    compares in constant time.
+    """
+
+    def checkPassword(self, password):
+        mine, theirs = self.password, password
+        if isinstance(mine, str):
+            mine = mine.encode("utf-8")
+        if isinstance(theirs, str):
+            theirs = theirs.encode("utf-8")
+        return hmac.compare_digest(mine, theirs)
 
 
 def _text(value):

@@ -61,6 +61,10 @@ class ServerCollector:
                                 value=f.inflight_peak)
         yield CounterMetricFamily("cserver_auth_failures", "Failed AUTHs since start.",
                                   value=f.auth_failures)
+        yield CounterMetricFamily(
+            "cserver_auth_throttled",
+            "AUTHs refused unchecked since start: too many failures from the address.",
+            value=f.auth_throttled)
         yield GaugeMetricFamily("cserver_journal_bytes", "The journal file's size in bytes.",
                                 value=f.journal.size)
 

@@ -71,6 +71,7 @@ class CServerProtocol(LineReceiver):
 
     user = None
     peer = "-"
+    host = "-"
     mine = 0
     inflight = 0
     active = True
@@ -90,7 +91,9 @@ class CServerProtocol(LineReceiver):
 
     def connectionMade(self):
         factory = self.factory
-        self.peer = _describe_peer(self.transport.getPeer())
+        address = self.transport.getPeer()
+        self.peer = _describe_peer(address)
+        self.host = getattr(address, "host", self.peer)
         if not factory.connection_made(self):
             self.transport.write(b"ERR busy\r\n")
             self._closing = True
@@ -245,6 +248,10 @@ class CServerProtocol(LineReceiver):
             self._reply(b"ERR syntax AUTH needs a user name\r\n")
             return
         factory = self.factory
+        if not factory.auth_allowed(self):
+            self._auth_failed(user, b"ERR auth too many failures from your address; "
+                                    b"try again later\r\n", throttled=True)
+            return
         credentials = credentials_for(factory.portal_interfaces, user, password or None)
         if credentials is None:
             self._auth_failed(user, b"ERR auth a password is required\r\n")
@@ -277,12 +284,12 @@ class CServerProtocol(LineReceiver):
             if self.paused:
                 self._update_flow()
 
-    def _auth_failed(self, user, line):
+    def _auth_failed(self, user, line, throttled=False):
         """
         Count and journal a failed AUTH; the third on a connection closes it.
         """
         self._auth_failures += 1
-        self.factory.auth_failed(self, user)
+        self.factory.auth_failed(self, user, throttled)
         if self._auth_failures >= MAX_AUTH_FAILURES:
             self._close_with(line)
         else:

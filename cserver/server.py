@@ -28,6 +28,10 @@ class Limits:
     @ivar work_delay: seconds each MSG waits before it is journaled.
     @ivar max_pending: unanswered MSGs a connection may have before the
         server stops reading from it.
+    @ivar auth_throttle: failed AUTHs from one host address within
+        ``auth_throttle_seconds`` after which its AUTHs are refused, unchecked,
+        until that many seconds pass without a failure (0: never).
+    @ivar auth_throttle_seconds: see ``auth_throttle``.
     """
 
     max_connections: int = 10000
@@ -36,6 +40,8 @@ class Limits:
     max_line: int = 65536
     work_delay: float = 0.0
     max_pending: int = 1000
+    auth_throttle: int = 5
+    auth_throttle_seconds: float = 60.0
 
 
 class CServerFactory(ServerFactory):
@@ -74,6 +80,9 @@ class CServerFactory(ServerFactory):
         self.inflight = 0
         self.inflight_peak = 0
         self.auth_failures = 0
+        self.auth_throttled = 0
+        # host -> (failed AUTHs in a row, time of the last one)
+        self._failures_by_host = {}
         self.stopping = False
         self.protocols = set()
         self._drained = []
@@ -82,7 +91,9 @@ class CServerFactory(ServerFactory):
     # -- lifecycle ----------------------------------------------------------
 
     def startFactory(self):
-        timeouts = [t for t in (self.limits.idle_timeout, self.limits.auth_timeout) if t]
+        limits = self.limits
+        throttle = limits.auth_throttle_seconds if limits.auth_throttle else 0
+        timeouts = [t for t in (limits.idle_timeout, limits.auth_timeout, throttle) if t]
         if timeouts and self._sweep_call is None:
             self._schedule_sweep(min(1.0, min(timeouts) / 4))
 
@@ -102,6 +113,8 @@ class CServerFactory(ServerFactory):
         One periodic pass instead of a timer per connection.
         """
         self._schedule_sweep(interval)
+        if self._failures_by_host:
+            self._forget_old_failures()
         now = self.clock.seconds()
         idle_timeout = self.limits.idle_timeout
         auth_timeout = self.limits.auth_timeout
@@ -214,18 +227,51 @@ class CServerFactory(ServerFactory):
             for d in waiting:
                 d.callback(None)
 
-    def auth_failed(self, protocol, user):
+    def auth_failed(self, protocol, user, throttled=False):
         """
         Count and journal a failed AUTH (the name and the peer, never a
-        password).
+        password), and count it against the peer's host address.
         """
         self.auth_failures += 1
         fields = {"user": user, "peer": protocol.peer}
+        if throttled:
+            self.auth_throttled += 1
+            fields["throttled"] = True
         self.journal_log.info(
             "AUTH failed for user {user} from {peer}",
             **{EVENT: "auth_failed", FIELDS: fields},
             **fields,
         )
+        if self.limits.auth_throttle:
+            count, last = self._failures_by_host.get(protocol.host, (0, 0.0))
+            if self._quiet_since(last):
+                count = 0
+            self._failures_by_host[protocol.host] = (count + 1, self.clock.seconds())
+
+    def auth_allowed(self, protocol):
+        """
+        False while the peer's host is throttled: it failed ``auth_throttle``
+        AUTHs, the last less than ``auth_throttle_seconds`` ago.
+        """
+        if not self.limits.auth_throttle:
+            return True
+        count, last = self._failures_by_host.get(protocol.host, (0, 0.0))
+        return count < self.limits.auth_throttle or self._quiet_since(last)
+
+    def _quiet_since(self, last):
+        return self.clock.seconds() - last >= self.limits.auth_throttle_seconds
+
+    def _forget_old_failures(self):
+        """
+        Drop the failure counts of hosts that have been quiet long enough,
+        so that the table stays as small as the set of recent offenders.
+        """
+        now = self.clock.seconds()
+        window = self.limits.auth_throttle_seconds
+        stale = [host for host, (_count, last) in self._failures_by_host.items()
+                 if now - last >= window]
+        for host in stale:
+            del self._failures_by_host[host]
 
     def stats(self, protocol):
         """
@@ -243,4 +289,5 @@ class CServerFactory(ServerFactory):
             "user": user if user is not None else "-",
             "user_total": self.users.get(user, 0),
             "auth_failures": self.auth_failures,
+            "auth_throttled": self.auth_throttled,
         }

@@ -31,7 +31,15 @@ def _seconds(value):
     return number
 
 
+def _count(value):
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 _positive_int.coerceDoc = "A whole number, at least 1."
+_count.coerceDoc = "A whole number, 0 or more."
 _seconds.coerceDoc = "Seconds, 0 or more."
 
 
@@ -63,6 +71,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-line", None, 65536, "The longest request line, in bytes.", _positive_int],
         ["work-delay", None, 0.0, "Seconds each MSG waits before it is journaled "
          "(to show requests overlapping).", _seconds],
+        ["auth-throttle", None, 5, "Failed AUTHs from one address after which its AUTHs "
+         "are refused until it has not failed for 60 s (0: no limit).", _count],
         ["workers", None, 1, "Server processes (1: one process; N > 1: a parent and N "
          "workers sharing one tcp port and the journal).", _positive_int],
         ["metrics", None, None, "Endpoint description to serve Prometheus metrics on, at "
@@ -163,6 +173,7 @@ def makeService(config):
         auth_timeout=config["auth-timeout"],
         max_line=config["max-line"],
         work_delay=config["work-delay"],
+        auth_throttle=config["auth-throttle"],
     )
     files = raise_open_file_limit(limits.max_connections + 64)
     if files < limits.max_connections + 64:

@@ -191,6 +191,7 @@ def parse_args(argv):
     parser.add_argument("--auth-timeout", type=float, default=Limits.auth_timeout)
     parser.add_argument("--max-line", type=int, default=Limits.max_line)
     parser.add_argument("--work-delay", type=float, default=Limits.work_delay)
+    parser.add_argument("--auth-throttle", type=int, default=Limits.auth_throttle)
     parser.add_argument("--base-served", type=int, default=0)
     parser.add_argument("--base-auth-failures", type=int, default=0)
     return parser.parse_args(argv)
@@ -240,6 +241,7 @@ def make_worker(args, reactor):
         auth_timeout=args.auth_timeout,
         max_line=args.max_line,
         work_delay=args.work_delay,
+        auth_throttle=args.auth_throttle,
     )
     base = {"served": args.base_served, "auth_failures": args.base_auth_failures}
     factory = WorkerFactory(journal, portal, reactor, limits, shared, args.index, base)

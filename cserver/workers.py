@@ -327,6 +327,7 @@ def worker_arguments(config):
         "--auth-timeout", str(config["auth-timeout"]),
         "--max-line", str(config["max-line"]),
         "--work-delay", str(config["work-delay"]),
+        "--auth-throttle", str(config["auth-throttle"]),
     ]
     for description in config.get("auth_descriptions", ()):
         argv += ["--auth", description]

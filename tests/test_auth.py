@@ -71,3 +71,16 @@ def test_avatar_name_is_text(name):
     portal = password_portal([strcred.makeChecker("memory:alice:pw:bob:pw")])
     result = login(portal, UsernamePassword(name, "pw"))
     assert isinstance(result, str) and result == name
+
+
+def test_password_checks_compare_in_constant_time(monkeypatch):
+    """The stock checkers' password comparison goes through hmac.compare_digest."""
+    import hmac
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    portal = password_portal([strcred.makeChecker("memory:alice:pw")])
+    assert login(portal, UsernamePassword("alice", "pw")) == "alice"
+    assert login(portal, UsernamePassword("alice", "nope")).check(UnauthorizedLogin)
+    assert (b"pw", b"pw") in calls and (b"nope", b"pw") in calls

@@ -68,7 +68,7 @@ def test_server_collector_exports_the_factory_counters():
     factory.total, factory.served = 41, 7
     factory.connections, factory.peak = 3, 9
     factory.inflight, factory.inflight_peak = 2, 5
-    factory.auth_failures = 4
+    factory.auth_failures, factory.auth_throttled = 4, 1
     factory.journal.size = 12345
     assert samples(registry_of(ServerCollector(factory))) == {
         ("cserver_messages_total", ()): 41,
@@ -78,6 +78,7 @@ def test_server_collector_exports_the_factory_counters():
         ("cserver_inflight", ()): 2,
         ("cserver_inflight_peak", ()): 5,
         ("cserver_auth_failures_total", ()): 4,
+        ("cserver_auth_throttled_total", ()): 1,
         ("cserver_journal_bytes", ()): 12345,
     }
 

@@ -442,3 +442,63 @@ def test_drain_waits_for_inflight_and_refuses_new(factory):
     assert lines[0] == "OK 1"
     assert lines[1].startswith("ERR unavailable ")
     assert [r["text"] for r in factory.journal.records()] == ["before"]
+
+
+def test_auth_throttled_after_repeated_failures_from_one_address():
+    """After --auth-throttle failures from one host, its AUTHs are refused unchecked
+    until it has not failed for the throttle window; other hosts are unaffected."""
+    factory = make_factory(limits=Limits(auth_throttle=3, auth_throttle_seconds=60))
+    for _ in range(3):
+        protocol, transport = connect(factory, port=5000)
+        send(protocol, "AUTH mallory")
+        assert replies(transport)[1].startswith("ERR auth wrong")
+    protocol, transport = connect(factory, port=5001)
+    send(protocol, "AUTH alice")
+    [line] = replies(transport)[1:]
+    assert line.startswith("ERR auth too many failures")
+    assert protocol.user is None
+    other = factory.buildProtocol(None)
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    other_transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 7000))
+    other.makeConnection(other_transport)
+    send(other, "AUTH alice")
+    assert replies(other_transport)[1] == "OK alice"
+    factory.clock.advance(59)
+    protocol, transport = connect(factory, port=5002)
+    send(protocol, "AUTH alice")
+    assert replies(transport)[1].startswith("ERR auth too many failures")
+    factory.clock.advance(60)
+    protocol, transport = connect(factory, port=5003)
+    send(protocol, "AUTH alice")
+    assert replies(transport)[1] == "OK alice"
+    assert factory.auth_throttled == 2
+    factory.clock.advance(0)
+    throttled = [r for r in factory.journal.records() if r.get("throttled")]
+    assert len(throttled) == 2
+
+
+def test_auth_throttle_zero_never_throttles():
+    """With --auth-throttle 0, any number of failures leaves the address free to try."""
+    factory = make_factory(limits=Limits(auth_throttle=0))
+    for port in range(10):
+        protocol, transport = connect(factory, port=6000 + port)
+        send(protocol, "AUTH mallory")
+        assert replies(transport)[1].startswith("ERR auth wrong")
+    protocol, transport = connect(factory, port=6100)
+    send(protocol, "AUTH alice")
+    assert replies(transport)[1] == "OK alice"
+
+
+def test_old_failures_are_forgotten_by_the_sweep():
+    """Hosts quiet for the throttle window drop out of the failure table."""
+    factory = make_factory(limits=Limits(auth_throttle=3, auth_throttle_seconds=10))
+    factory.startFactory()
+    protocol, transport = connect(factory, port=5000)
+    send(protocol, "AUTH mallory")
+    assert factory._failures_by_host
+    for _ in range(12):
+        factory.clock.advance(1)
+    assert not factory._failures_by_host
+    factory.stopFactory()

@@ -44,6 +44,7 @@ def test_defaults():
         "auth-timeout": 30.0,
         "max-line": 65536,
         "work-delay": 0.0,
+        "auth-throttle": 5,
     }
     assert {key: options[key] for key in expected} == expected
     assert not options.get("credCheckers")
