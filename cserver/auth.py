@@ -141,9 +141,15 @@ def allow_list_portal(users):
 
 def password_portal(checkers):
     """
-    A portal over ``--auth`` password checkers.
+    A portal over ``--auth`` password checkers; the stock ones are wrapped in
+    :class:`TextOrBytesChecker`, checkers that take either already
+    (``accepts_text_or_bytes``, like cserver's ``hashfile:``) are not --
+    wrapping would check a wrong password twice.
     """
-    return Portal(UserRealm(), [TextOrBytesChecker(c) for c in checkers])
+    return Portal(UserRealm(), [
+        c if getattr(c, "accepts_text_or_bytes", False) else TextOrBytesChecker(c)
+        for c in checkers
+    ])
 
 
 def credentials_for(interfaces, user, password):
