@@ -171,7 +171,9 @@ class CServerProtocol(LineReceiver):
                 self.lineReceived(buffer[start:end])
                 start = end + 1
             rest = buffer[start:] + self._buffer
-            if len(rest) > limit and not self._closing:
+            # Only the unfinished line can be too long yet: whole lines left
+            # while reading is paused are checked when they are taken.
+            if not self._closing and len(rest) - (rest.rfind(b"\n") + 1) > limit:
                 rest = b""
                 self.lineLengthExceeded(b"")
             self._buffer = rest if not self._closing else b""
