@@ -23,7 +23,7 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The shared reference servers (issue 2): run from where they are, never copied.
+# The bench kit's reference servers: run from where they are, never copied.
 SHARED_BENCH = os.path.normpath(os.path.join(REPO, "..", "shared", "bench"))
 _LISTENING = re.compile(r"listening on tcp:127\.0\.0\.1:(\d+)")
 

@@ -1,4 +1,4 @@
-"""Memory of the server holding N authenticated connections open (issue 2's 80 MB bar).
+"""Memory of the server holding N authenticated connections open (the bar: under 80 MB).
 
 Starts ``twistd -n cserver`` on a free loopback port with a fresh journal and
 ``--max-connections 20000``, reads the idle server's RSS, then opens N

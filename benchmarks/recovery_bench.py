@@ -8,7 +8,7 @@ given one (an existing PATH is measured as it is), then times
 
     python benchmarks/recovery_bench.py [--records N] [PATH]
 
-The bar (issue 2): start-up on a 1,000,000-record journal under 2 s.  The
+The bar: start-up on a 1,000,000-record journal under 2 s.  The
 exit status is 1 when the full open is over it.
 """
 

@@ -1,4 +1,4 @@
-"""The scenario table of the throughput analysis (issue 3): one row per load, cserver alone.
+"""The scenario table of the throughput analysis: one row per load, cserver alone.
 
 Each row starts a fresh ``twistd -n cserver`` on a free loopback port with a
 fresh journal in a temporary directory, runs ``cserver-client bench ... --json``

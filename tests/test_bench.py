@@ -448,7 +448,7 @@ def sample_result(**kw):
 
 
 def test_report_json_shape():
-    """The JSON report has the keys the issue names, latency_ms with p50..max, and the
+    """The JSON report has the keys the README names, latency_ms with p50..max, and the
     phase times in ms."""
     config = BenchConfig(endpoint="tcp:host=127.0.0.1:port=1", user="u", connections=2)
     report = bench.make_report(config, [sample_result()])

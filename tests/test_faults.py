@@ -17,7 +17,7 @@ import pytest
 
 from .server_process import ServerProcess, read_journal, twistd_command
 
-#: kill -9 cycles (the issue asks for 20; they take about half a second each).
+#: kill -9 cycles (20; they take about half a second each).
 CYCLES = 20
 #: Clients loading the server in each cycle.
 CLIENTS = 50

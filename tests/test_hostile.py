@@ -251,7 +251,7 @@ def test_max_connections_is_never_exceeded(server):
 @pytest.mark.parametrize("prefix", [b"", b"MSG "], ids=["unauthenticated", "authenticated-msg"])
 def test_huge_line_without_newline_is_refused(server, prefix):
     """A client sending a line with no newline -- up to 50 MB here, standing in
-    for the issue's 1 GiB: the server answers ERR toolong and closes once the
+    for a 1 GiB: the server answers ERR toolong and closes once the
     line passes --max-line (64 KiB), long before 50 MB are sent; its RSS grows
     by under 10 MB and nothing is journaled."""
     process = server()
