@@ -12,21 +12,6 @@ from cserver import __version__
 from .server_process import ServerProcess, read_journal
 
 
-@pytest.fixture
-def server(tmp_path):
-    servers = []
-
-    def start(*args, journal=None):
-        process = ServerProcess(tmp_path, "--users", "alice,bob", *args, journal=journal)
-        servers.append(process)
-        return process.start()
-
-    yield start
-    for process in servers:
-        if process.process.poll() is None:
-            process.kill()
-
-
 def test_serves_and_stops_cleanly(server):
     """twistd cserver greets, authenticates, journals, acks; SIGTERM exits 0 after a stop record."""
     process = server()

@@ -14,26 +14,11 @@ import time
 
 import pytest
 
-from .server_process import ServerProcess, read_journal
+from .server_process import read_journal
 
 #: Every ERR code docs/protocol.rst defines.
 ERR_CODES = {"auth", "busy", "encoding", "noauth", "state", "syntax", "timeout", "toolong",
              "unavailable", "unknown"}
-
-
-@pytest.fixture
-def server(tmp_path):
-    servers = []
-
-    def start(*args):
-        process = ServerProcess(tmp_path, "--users", "alice,bob", *args)
-        servers.append(process)
-        return process.start()
-
-    yield start
-    for process in servers:
-        if process.process.poll() is None:
-            process.kill()
 
 
 class RawClient:

@@ -184,33 +184,6 @@ def read_records(path):
     return [json.loads(line) for line in data.split(b"\n")[:-1]]
 
 
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "journal.jsonl")
-
-
-@pytest.fixture
-def open_journal(path, clock):
-    """
-    Open FileJournals (at ``path`` by default) and close them after the test.
-    """
-    opened = []
-
-    def open_(fsync="always", at=None, **kwargs):
-        journal = FileJournal.open(at or path, clock, fsync=fsync, **kwargs)
-        opened.append(journal)
-        return journal
-
-    yield open_
-    for journal in opened:
-        journal.close()
-
-
 # -- record format ----------------------------------------------------------
 
 

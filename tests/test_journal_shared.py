@@ -34,16 +34,6 @@ from tests.test_journal import NASTY, Acks, ManualSyncer, message, read_records
 
 
 @pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "journal.jsonl")
-
-
-@pytest.fixture
 def shared():
     shared = Shared.create(2)
     yield shared

@@ -51,11 +51,6 @@ def others(path):
     return sorted(entry for entry in os.listdir(directory) if entry != name)
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "journal.jsonl")
-
-
 # -- counting ---------------------------------------------------------------------
 
 

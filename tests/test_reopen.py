@@ -14,37 +14,12 @@ import subprocess
 import threading
 
 import pytest
-from twisted.internet.task import Clock
 
-from cserver.journal import FileJournal, SyncThread
+from cserver.journal import SyncThread
 from cserver.recovery import recover
 
-from .server_process import ServerProcess, read_journal
+from .server_process import read_journal
 from .test_journal import Acks, ManualSyncer, Syscalls, message, read_records
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "journal.jsonl")
-
-
-@pytest.fixture
-def open_journal(path, clock):
-    opened = []
-
-    def open_(fsync="always", **kwargs):
-        journal = FileJournal.open(path, clock, fsync=fsync, **kwargs)
-        opened.append(journal)
-        return journal
-
-    yield open_
-    for journal in opened:
-        journal.close()
 
 
 def result_of(d):
@@ -420,21 +395,6 @@ def test_a_reopen_record_later_in_the_file_carries_nothing(tmp_path):
 
 
 # -- end to end ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def server(tmp_path):
-    servers = []
-
-    def start(*args, journal=None):
-        process = ServerProcess(tmp_path, "--users", "alice,bob", *args, journal=journal)
-        servers.append(process)
-        return process.start()
-
-    yield start
-    for process in servers:
-        if process.process.poll() is None:
-            process.kill()
 
 
 def test_sighup_rotates_the_journal_end_to_end(server):

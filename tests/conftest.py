@@ -1,0 +1,55 @@
+"""Fixtures shared by the test modules: a task.Clock, a journal path, file
+journals on that clock, and real ``twistd -n cserver`` servers."""
+
+import pytest
+from twisted.internet.task import Clock
+
+from cserver.journal import FileJournal
+
+from .server_process import ServerProcess
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "journal.jsonl")
+
+
+@pytest.fixture
+def open_journal(path, clock):
+    """
+    Open FileJournals (at ``path`` by default) and close them after the test.
+    """
+    opened = []
+
+    def open_(fsync="always", at=None, **kwargs):
+        journal = FileJournal.open(at or path, clock, fsync=fsync, **kwargs)
+        opened.append(journal)
+        return journal
+
+    yield open_
+    for journal in opened:
+        journal.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """
+    Start real servers (users alice and bob) in ``tmp_path``: ``server(*options,
+    journal=None)``; every one still running is killed after the test.
+    """
+    servers = []
+
+    def start(*args, journal=None):
+        process = ServerProcess(tmp_path, "--users", "alice,bob", *args, journal=journal)
+        servers.append(process)
+        return process.start()
+
+    yield start
+    for process in servers:
+        if process.process.poll() is None:
+            process.kill()
