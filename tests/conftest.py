@@ -1,5 +1,9 @@
 """Fixtures shared by the test modules: a task.Clock, a journal path, file
-journals on that clock, and real ``twistd -n cserver`` servers."""
+journals on that clock, real ``twistd -n cserver`` servers, and the
+interpreter settings put back after makeService tuned them."""
+
+import gc
+import sys
 
 import pytest
 from twisted.internet.task import Clock
@@ -53,3 +57,16 @@ def server(tmp_path):
     for process in servers:
         if process.process.poll() is None:
             process.kill()
+
+
+@pytest.fixture
+def restore_interpreter():
+    """
+    makeService tunes the interpreter for serving (gc.freeze, thresholds, the
+    switch interval): put the test process back afterwards.
+    """
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+    sys.setswitchinterval(interval)

@@ -151,3 +151,54 @@ def read_journal(path):
 
     with open(path, "rb") as f:
         return [json.loads(line) for line in f]
+
+
+class Load:
+    """
+    ``clients`` threads, each connected to ``port``, that AUTH as ``user``
+    and send MSGs one after another, recording every ack as ``(seq, text)``
+    in :attr:`acked`, until :meth:`stop` or until their connection is lost
+    (the server killed).  :attr:`enough` is set once ``until`` acks came in.
+    """
+
+    def __init__(self, port, clients, until, prefix="", user="alice"):
+        self.port = port
+        self.prefix = prefix
+        self.user = user
+        self.until = until
+        self.acked = []
+        self.enough = threading.Event()
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,)) for n in range(clients)]
+
+    def start(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _run(self, n):
+        try:
+            client = LineClient(self.port)
+            client.request(f"AUTH {self.user}")
+            for i in range(100000):
+                if self._halt.is_set():
+                    break
+                text = f'{self.prefix}c{n} m{i} "q" \\ é'
+                reply = client.request(f"MSG {text}")
+                assert reply.startswith("OK "), reply
+                with self._lock:
+                    self.acked.append((int(reply[3:]), text))
+                    if len(self.acked) >= self.until:
+                        self.enough.set()
+            client.close()
+        except (ConnectionError, OSError):
+            pass
+
+    def stop(self):
+        """
+        Stop sending and wait for every client thread.
+        """
+        self._halt.set()
+        for thread in self._threads:
+            thread.join(30)

@@ -3,13 +3,12 @@ real journal files, real signals."""
 
 import os
 import signal
-import threading
 
 import pytest
 
 from cserver import __version__
 
-from .server_process import ServerProcess, read_journal
+from .server_process import Load, ServerProcess, read_journal
 
 
 def test_serves_and_stops_cleanly(server):
@@ -115,32 +114,13 @@ def _wait_inflight(process):
 def test_kill_9_under_load_loses_no_acked_message(server):
     """kill -9 while 20 clients send: after restart every acked (seq, text) is in the journal."""
     process = server()
-    acked = []
-    enough = threading.Event()
-    lock = threading.Lock()
-
-    def client_loop(n):
-        client = process.connect()
-        client.request("AUTH alice")
-        try:
-            for i in range(100000):
-                text = f"c{n} m{i} \"q\" \\ é"
-                reply = client.request(f"MSG {text}")
-                assert reply.startswith("OK "), reply
-                with lock:
-                    acked.append((int(reply[3:]), text))
-                    if len(acked) >= 400:
-                        enough.set()
-        except (ConnectionError, OSError):
-            pass
-
-    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(20)]
-    for thread in threads:
-        thread.start()
-    assert enough.wait(60), "the clients got no acks"
-    assert process.kill() == -signal.SIGKILL
-    for thread in threads:
-        thread.join(30)
+    load = Load(process.port, clients=20, until=400).start()
+    try:
+        assert load.enough.wait(60), "the clients got no acks"
+        assert process.kill() == -signal.SIGKILL
+    finally:
+        load.stop()
+    acked = load.acked
     restarted = server(journal=process.journal)
     records = read_journal(process.journal)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))

@@ -10,12 +10,11 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from .server_process import ServerProcess, read_journal, twistd_command
+from .server_process import Load, ServerProcess, read_journal, twistd_command
 
 #: kill -9 cycles (20; they take about half a second each).
 CYCLES = 20
@@ -51,41 +50,21 @@ def _check_journal(records, acked):
     return journaled
 
 
-def _load_until(process, cycle, acked, lock, count):
+def _load_until(process, cycle, acked, count):
     """
     ``CLIENTS`` clients send MSGs, recording each ack, until ``count`` acks
     came in this cycle; then the server is killed (kill -9).  Returns the acks
     of this cycle.
     """
-    enough = threading.Event()
-    mine = []
-
-    def client_loop(n):
-        try:
-            client = process.connect()
-            client.request("AUTH alice")
-            for i in range(100000):
-                text = f"cycle {cycle} client {n} msg {i} \"é\""
-                reply = client.request(f"MSG {text}")
-                assert reply.startswith("OK "), reply
-                with lock:
-                    mine.append((int(reply[3:]), text))
-                    if len(mine) >= count:
-                        enough.set()
-        except (ConnectionError, OSError):
-            pass
-
-    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
+    load = Load(process.port, clients=CLIENTS, until=count, prefix=f"cycle {cycle} ").start()
     try:
-        assert enough.wait(30), f"cycle {cycle}: only {len(mine)} acks"
+        assert load.enough.wait(30), f"cycle {cycle}: only {len(load.acked)} acks"
         assert process.kill() == -signal.SIGKILL
     finally:
         if process.process.poll() is None:
             process.kill()
-        for thread in threads:
-            thread.join(30)
+        load.stop()
+    mine = load.acked
     acked.extend(mine)
     return mine
 
@@ -97,7 +76,7 @@ def test_repeated_kill_9_under_load_loses_no_acked_message(tmp_path):
     gap, and STATS total equals the journal's message records (whatever
     recovery cut off as a torn tail was never acked)."""
     journal = tmp_path / "journal.jsonl"
-    acked, lock = [], threading.Lock()
+    acked = []
     torn = 0
     for cycle in range(CYCLES + 1):
         process = ServerProcess(tmp_path, "--users", "alice,bob", journal=journal).start()
@@ -113,7 +92,7 @@ def test_repeated_kill_9_under_load_loses_no_acked_message(tmp_path):
             if cycle == CYCLES:
                 assert process.stop() == 0
                 break
-            _load_until(process, cycle, acked, lock, ACKS_PER_CYCLE)
+            _load_until(process, cycle, acked, ACKS_PER_CYCLE)
         finally:
             if process.process.poll() is None:
                 process.kill()

@@ -2,7 +2,6 @@
 service wiring, and end to end a real ``twistd -n cserver --metrics`` scraped
 over HTTP (one process, and ``--workers 2``)."""
 
-import gc
 import re
 import socket
 import subprocess
@@ -35,14 +34,8 @@ from .server_process import ServerProcess, twistd_command
 _METRICS_ON = re.compile(r"metrics on tcp:127\.0\.0\.1:(\d+)")
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_settings():
-    """makeService tunes the interpreter for serving; put the test process back."""
-    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*threshold)
-    sys.setswitchinterval(interval)
+#: makeService tunes the interpreter for serving: put the test process back.
+pytestmark = pytest.mark.usefixtures("restore_interpreter")
 
 
 def registry_of(collector):

@@ -13,15 +13,8 @@ from twisted.python.usage import UsageError
 from cserver.auth import AllowListChecker, TextOrBytesChecker
 from cserver.tap import Options, makeService, raise_open_file_limit, with_backlog
 
-
-@pytest.fixture(autouse=True)
-def _interpreter_settings():
-    """makeService tunes the interpreter for serving; put the test process back."""
-    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*threshold)
-    sys.setswitchinterval(interval)
+#: makeService tunes the interpreter for serving: put the test process back.
+pytestmark = pytest.mark.usefixtures("restore_interpreter")
 
 
 def parse(*args):

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from twisted.python.usage import UsageError
 from cserver.tap import Options
 from cserver.workers import parse_tcp, reuseport_sockets
 
-from .server_process import ServerProcess, read_journal
+from .server_process import Load, ServerProcess, read_journal
 
 _STARTED = re.compile(r"worker (\d+) started, pid (\d+)")
 
@@ -208,39 +207,15 @@ def test_kill_9_of_a_worker_loses_no_acked_message_and_it_is_restarted(server):
     process = server()
     old = worker_pids(process)
     assert set(old) == {0, 1}
-    acked, lock = [], threading.Lock()
-    enough, halt = threading.Event(), threading.Event()
-
-    def client_loop(n):
-        try:
-            client = process.connect()
-            client.request("AUTH alice")
-            for i in range(100000):
-                if halt.is_set():
-                    break
-                text = f"c{n} m{i}"
-                reply = client.request(f"MSG {text}")
-                assert reply.startswith("OK "), reply
-                with lock:
-                    acked.append((int(reply[3:]), text))
-                    if len(acked) >= 400:
-                        enough.set()
-            client.close()
-        except (ConnectionError, OSError):
-            pass
-
-    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(16)]
-    for thread in threads:
-        thread.start()
+    load = Load(process.port, clients=16, until=400).start()
     try:
-        assert enough.wait(30), "the clients got no acks"
+        assert load.enough.wait(30), "the clients got no acks"
         os.kill(old[0], signal.SIGKILL)
         assert process.wait_for(r"worker 0 started, pid", 15), "worker 0 was not restarted"
         assert process.wait_for(r"worker 0 serving", 15)
     finally:
-        halt.set()
-        for thread in threads:
-            thread.join(30)
+        load.stop()
+    acked = load.acked
     new = worker_pids(process)
     assert new[0] != old[0] and new[1] == old[1]
     assert any("worker 0" in line and "killed by signal 9" in line for line in process.output)
