@@ -75,6 +75,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "are refused until it has not failed for 60 s (0: no limit).", _count],
         ["workers", None, 1, "Server processes (1: one process; N > 1: a parent and N "
          "workers sharing one tcp port and the journal).", _positive_int],
+        ["restart-delay", None, 0.5, "With --workers: seconds before a dead worker is "
+         "restarted; doubled for each death within 10 s of its start.", _seconds],
+        ["restart-max-delay", None, 30.0, "With --workers: the longest wait before a "
+         "restart.", _seconds],
         ["metrics", None, None, "Endpoint description to serve Prometheus metrics on, at "
          "/metrics (e.g. tcp:9100:interface=127.0.0.1; needs the metrics extra). "
          "Default: none."],
@@ -102,6 +106,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["workers"] > 1 and self["port"].split(":", 1)[0] not in ("tcp", "tcp6"):
             raise usage.UsageError("--workers needs a tcp: or tcp6: --port (each worker "
                                    "gets its own SO_REUSEPORT socket)")
+        if self["restart-max-delay"] < self["restart-delay"]:
+            raise usage.UsageError("--restart-max-delay must be at least --restart-delay")
         if self["metrics"] is not None:
             try:
                 import prometheus_client  # noqa: F401

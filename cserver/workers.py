@@ -26,9 +26,9 @@ from cserver import __version__
 from cserver.notify import Notifier
 from cserver.service import stop_cleanly_on_signals
 
-#: Seconds before the first restart of a worker that died.
+#: Seconds before the first restart of a worker that died (--restart-delay).
 RESTART_DELAY = 0.5
-#: The longest wait before a restart.
+#: The longest wait before a restart (--restart-max-delay).
 MAX_RESTART_DELAY = 30.0
 #: A worker up this many seconds counts as stable: its next restart is quick.
 STABLE_AFTER = 10.0
@@ -145,7 +145,8 @@ class WorkerSupervisor(Service):
     log = Logger(namespace="cserver.workers")
 
     def __init__(self, reactor, shared, journal, recovery, sockets, worker_argv,
-                 exit_cleanly=False, notifier=None):
+                 exit_cleanly=False, notifier=None, restart_delay=RESTART_DELAY,
+                 max_restart_delay=MAX_RESTART_DELAY):
         from cserver.journal import JournalLogger
 
         self.notifier = Notifier() if notifier is None else notifier
@@ -157,6 +158,8 @@ class WorkerSupervisor(Service):
         self.sockets = sockets
         self.worker_argv = worker_argv
         self.exit_cleanly = exit_cleanly
+        self.restart_delay = restart_delay
+        self.max_restart_delay = max_restart_delay
         self.count = len(sockets)
         self.processes = [None] * self.count
         self._delays = [0.0] * self.count
@@ -235,9 +238,9 @@ class WorkerSupervisor(Service):
             return
         uptime = self.reactor.seconds() - process.started_at
         if uptime >= STABLE_AFTER or not self._delays[index]:
-            delay = RESTART_DELAY
+            delay = self.restart_delay
         else:
-            delay = min(self._delays[index] * 2, MAX_RESTART_DELAY)
+            delay = min(self._delays[index] * 2, self.max_restart_delay)
         self._delays[index] = delay
         self.log.warn(
             "worker {index} (pid {pid}) {how} after {uptime:.1f} s; restarting in {delay} s",
@@ -364,4 +367,6 @@ def make_service(config, reactor):
         journal.close()
         raise SystemExit(f"cserver: cannot listen on {config['port']}: {e}") from None
     return WorkerSupervisor(reactor, shared, journal, recovery, sockets,
-                            worker_arguments(config), exit_cleanly=True)
+                            worker_arguments(config), exit_cleanly=True,
+                            restart_delay=config["restart-delay"],
+                            max_restart_delay=config["restart-max-delay"])

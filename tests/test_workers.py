@@ -12,6 +12,10 @@ import sys
 import time
 
 import pytest
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
 from cserver.tap import Options
@@ -35,6 +39,63 @@ def test_workers_refuse_a_non_tcp_port():
     """--workers 2 with a unix: port is refused with a message naming the reason."""
     with pytest.raises(UsageError, match="tcp"):
         Options().parseOptions(["--workers", "2", "--port", "unix:/tmp/x.sock"])
+
+
+def test_restart_delays_are_options_and_checked():
+    """--restart-delay and --restart-max-delay parse as seconds; a max below the first
+    is refused."""
+    options = Options()
+    options.parseOptions(["--restart-delay", "0.05", "--restart-max-delay", "0.2"])
+    assert (options["restart-delay"], options["restart-max-delay"]) == (0.05, 0.2)
+    with pytest.raises(UsageError, match="restart-max-delay"):
+        Options().parseOptions(["--restart-delay", "5", "--restart-max-delay", "1"])
+
+
+class _SpawningClock(Clock):
+    """A clock whose spawnProcess connects the protocol to a fake process with a new pid."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):
+        transport = StringTransport()
+        transport.pid = 1000 + len(self.spawned)
+        protocol.makeConnection(transport)
+        self.spawned.append(protocol)
+        return transport
+
+
+def test_restart_delay_doubles_for_quick_deaths_up_to_the_max_and_resets_when_stable():
+    """A worker dying within 10 s of its start waits twice as long as last time, never
+    more than the max; one that ran 10 s or more is restarted after the first delay."""
+    from cserver.journal import MemoryJournal
+    from cserver.recovery import Recovery
+    from cserver.shared import Shared
+    from cserver.workers import STABLE_AFTER, WorkerSupervisor
+
+    clock = _SpawningClock()
+    shared = Shared.create(1)
+    sock = socket.socket()
+    try:
+        supervisor = WorkerSupervisor(
+            clock, shared, MemoryJournal(clock), Recovery(), [sock], [],
+            restart_delay=0.1, max_restart_delay=0.5,
+        )
+        supervisor._spawn(0)
+        delays = []
+        for uptime in (1, 0, 0, 0, 0, STABLE_AFTER):
+            clock.advance(uptime)
+            supervisor.worker_ended(clock.spawned[-1], Failure(ProcessTerminated(signal=9)))
+            [call] = clock.getDelayedCalls()
+            delays.append(round(call.getTime() - clock.seconds(), 6))
+            clock.advance(delays[-1])
+        assert delays == [0.1, 0.2, 0.4, 0.5, 0.5, 0.1]
+        assert len(clock.spawned) == 7
+        assert supervisor.processes[0] is clock.spawned[-1]
+    finally:
+        sock.close()
+        shared.close()
 
 
 def test_parse_tcp_reads_port_interface_and_backlog():
@@ -228,6 +289,52 @@ def test_kill_9_of_a_worker_loses_no_acked_message_and_it_is_restarted(server):
     assert acked
     for seq, text in acked:
         assert journaled.get(seq) == text
+
+
+#: kill -9 cycles of a worker.
+WORKER_CYCLES = 20
+
+
+def test_repeated_kill_9_of_a_worker_under_load_loses_no_acked_message(server):
+    """20 cycles of: 50 clients load the server, one worker (0 and 1 in turn) is
+    killed with kill -9 once 200 MSGs were acked in the cycle, the parent
+    restarts it.  After every restart every (seq, text) ever acked is in the
+    journal, seqs run 1..N without a gap, STATS total equals the journal's
+    message records, and both workers serve again."""
+    process = server("--restart-delay", "0.05", "--restart-max-delay", "0.2")
+    _wait_serving(process)
+    acked = []
+    for cycle in range(WORKER_CYCLES):
+        index = cycle % 2
+        victim = worker_pids(process)[index]
+        load = Load(process.port, clients=50, until=200, prefix=f"cycle {cycle} ").start()
+        try:
+            assert load.enough.wait(30), f"cycle {cycle}: only {len(load.acked)} acks"
+            os.kill(victim, signal.SIGKILL)
+            assert _wait_gone([victim], 10), f"cycle {cycle}: worker {index} did not die"
+            assert process.wait_for(rf"worker {index} serving", 15), (
+                f"cycle {cycle}: worker {index} was not restarted")
+        finally:
+            load.stop()
+        acked.extend(load.acked)
+        new = worker_pids(process)
+        assert new[index] != victim
+        records = read_journal(process.journal)
+        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+        journaled = {r["seq"]: r["text"] for r in records if r["event"] == "message"}
+        missing = [(seq, text) for seq, text in acked if journaled.get(seq) != text]
+        assert not missing, f"cycle {cycle}: acked but not journaled: {missing[:5]}"
+        stats = _stats_of_worker(process, index)
+        # _stats_of_worker's probe MSG is journaled after the STATS it read.
+        assert int(stats["total"]) == len(journaled)
+    kills = [line for line in process.output if "killed by signal 9" in line]
+    assert len(kills) == WORKER_CYCLES
+    assert process.stop() == 0
+    records = read_journal(process.journal)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert records[-1]["event"] == "stop"
+    assert records[-1]["total"] == sum(r["event"] == "message" for r in records)
+    print(f"{WORKER_CYCLES} kill -9 cycles of a worker: {len(acked)} acked, all journaled")
 
 
 def test_sigterm_acks_inflight_writes_one_stop_record_and_leaves_no_worker(server):
