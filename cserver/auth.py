@@ -68,10 +68,19 @@ class AllowListChecker:
     users: frozenset = attrs.field(converter=frozenset)
     credentialInterfaces = (IUsername,)
 
+    def check(self, credentials):
+        """
+        The avatar id ``requestAvatarId`` would give, at once: the name, or
+        None for a name not in the list.
+        """
+        name = credentials.username
+        return name if name in self.users else None
+
     def requestAvatarId(self, credentials):
-        if credentials.username in self.users:
-            return defer.succeed(credentials.username)
-        return defer.fail(error.UnauthorizedLogin("unknown user"))
+        name = self.check(credentials)
+        if name is None:
+            return defer.fail(error.UnauthorizedLogin("unknown user"))
+        return defer.succeed(name)
 
 
 @implementer(ICredentialsChecker)
@@ -137,6 +146,19 @@ def allow_list_portal(users):
     The default portal: any name in ``users``, no password.
     """
     return Portal(UserRealm(), [AllowListChecker(users)])
+
+
+def immediate_checker(portal):
+    """
+    The ``check(credentials)`` of the portal's only checker when it answers
+    at once and the realm is :class:`UserRealm` (the allow-list portal): the
+    protocol then logs in without the Portal's Deferreds, with the same
+    result -- the avatar of an accepted name is that name.  None otherwise.
+    """
+    checkers = set(portal.checkers.values())
+    if len(checkers) != 1 or not isinstance(portal.realm, UserRealm):
+        return None
+    return getattr(checkers.pop(), "check", None)
 
 
 def password_portal(checkers):

@@ -258,6 +258,14 @@ class CServerProtocol(LineReceiver):
         if credentials is None:
             self._auth_failed(user, b"ERR auth a password is required\r\n")
             return
+        check_now = factory.check_now
+        if check_now is not None:
+            name = check_now(credentials)
+            if name is None:
+                self._auth_failed(user, b"ERR auth wrong user or password\r\n")
+            else:
+                self._authenticated(name)
+            return
         # Nothing can be owed before AUTH succeeds (only MSGs wait, and they
         # need a user), and no line is read while a login is under way, so
         # the reply is written straight away when the login ends.
@@ -272,10 +280,13 @@ class CServerProtocol(LineReceiver):
         self._awaiting_auth = False
         if self._closing:
             return
-        self.user = avatar.name
-        self._reply(b"OK %s\r\n" % (avatar.name.encode("utf-8"),))
+        self._authenticated(avatar.name)
         if self.paused:
             self._update_flow()
+
+    def _authenticated(self, name):
+        self.user = name
+        self._reply(b"OK %s\r\n" % (name.encode("utf-8"),))
 
     def _login_failed(self, failure, user):
         self._awaiting_auth = False

@@ -12,6 +12,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from cserver import __version__
+from cserver.auth import immediate_checker
 from cserver.journal import EVENT, FIELDS, JournalLogger
 from cserver.protocol import CServerProtocol
 
@@ -66,6 +67,8 @@ class CServerFactory(ServerFactory):
         self.journal_log = JournalLogger(namespace="cserver.journal", observer=journal)
         self.portal = portal
         self.portal_interfaces = frozenset(portal.listCredentialsInterfaces())
+        # The allow-list answers at once: AUTH then skips the Portal's Deferreds.
+        self.check_now = immediate_checker(portal)
         self.clock = clock
         self.limits = limits
         self.max_line = limits.max_line

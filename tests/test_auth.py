@@ -10,6 +10,7 @@ from cserver.auth import (
     Username,
     allow_list_portal,
     credentials_for,
+    immediate_checker,
     password_portal,
 )
 
@@ -29,6 +30,18 @@ def test_allow_list_accepts_listed_names():
     portal = allow_list_portal(["alice", "bob"])
     assert login(portal, Username("alice")) == "alice"
     assert login(portal, Username("carol")).check(UnauthorizedLogin)
+
+
+def test_allow_list_portal_has_an_immediate_check_that_agrees_with_login():
+    """The allow-list portal offers a check that answers at once, and it accepts and
+    refuses the names its Portal login does; password portals offer none."""
+    portal = allow_list_portal(["alice", "bob"])
+    check = immediate_checker(portal)
+    for name in ("alice", "bob", "carol", "Alice", ""):
+        result = login(portal, Username(name))
+        expected = result if isinstance(result, str) else None
+        assert check(Username(name)) == expected
+    assert immediate_checker(password_portal([strcred.makeChecker("memory:alice:pw")])) is None
 
 
 def test_allow_list_credentials_ignore_password():
