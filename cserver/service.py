@@ -63,6 +63,7 @@ class CServerService(Service):
             failures[0].raiseException()
         # The Deferreds keep their own results (and errors): this only watches.
         defer.DeferredList([started, self._listening]).addCallback(self._ready)
+        started.addErrback(log_start_not_journaled, self.log)
         self.notifier.start_watchdog(self.reactor)
         if self.exit_cleanly:
             self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log,
@@ -134,6 +135,16 @@ class CServerService(Service):
             served=self.factory.served,
             total=self.factory.total,
         )
+
+
+def log_start_not_journaled(failure, log):
+    """
+    The ``start`` record was refused (disk full, fsync failed): say so.  The
+    server goes on listening; its MSGs get what the journal says (``ERR
+    unavailable ...``), and READY=1 is not sent.
+    """
+    failure.trap(OSError)
+    log.critical("could not journal the start record: {error}", error=failure.value)
 
 
 def stop_cleanly_on_signals(reactor, log, hangup=None):

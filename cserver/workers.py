@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from cserver import __version__
 from cserver.notify import Notifier
-from cserver.service import stop_cleanly_on_signals
+from cserver.service import log_start_not_journaled, stop_cleanly_on_signals
 
 #: Seconds before the first restart of a worker that died (--restart-delay).
 RESTART_DELAY = 0.5
@@ -180,7 +180,7 @@ class WorkerSupervisor(Service):
             )
         fields = {"version": __version__, **recovery.summary(), "workers": self.count}
         started = self.journal_log.record("start", fields, "cserver {version} starting")
-        started.addCallback(self._ready)
+        started.addCallbacks(self._ready, log_start_not_journaled, errbackArgs=(self.log,))
         for index in range(self.count):
             self._spawn(index)
         host, port = self.sockets[0].getsockname()[:2]

@@ -25,13 +25,15 @@ def twistd_command():
 
 class ServerProcess:
     """
-    ``twistd -n cserver`` on a free loopback port, its journal in ``directory``.
+    ``twistd -n cserver`` on a free loopback port, its journal in ``directory``;
+    ``env``: variables set for it over this process's environment.
 
     @ivar output: every line the server printed so far.
     """
 
-    def __init__(self, directory, *args, journal=None, twistd=None):
+    def __init__(self, directory, *args, journal=None, twistd=None, env=None):
         self.directory = str(directory)
+        self.env = env
         self.twistd = twistd or twistd_command()
         self.journal = str(journal or os.path.join(self.directory, "journal.jsonl"))
         self.args = list(args)
@@ -56,6 +58,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         threading.Thread(target=self._read, daemon=True).start()
         line = self.wait_for(_LISTENING, timeout)
