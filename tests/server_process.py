@@ -156,6 +156,29 @@ def read_journal(path):
         return [json.loads(line) for line in f]
 
 
+def check_journal(records, acked, label=""):
+    """
+    Seqs run 1..N without a gap and every acked ``(seq, text)`` is journaled
+    with that text; returns the message records as ``{seq: text}``.
+    """
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    journaled = {r["seq"]: r["text"] for r in records if r["event"] == "message"}
+    missing = [(seq, text) for seq, text in acked if journaled.get(seq) != text]
+    assert not missing, f"{label}acked but not journaled: {missing[:5]}"
+    return journaled
+
+
+def rss(pid):
+    """
+    The resident set size of process ``pid``, in bytes.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 class Load:
     """
     ``clients`` threads, each connected to ``port``, that AUTH as ``user``

@@ -8,7 +8,7 @@ import pytest
 
 from cserver import __version__
 
-from .server_process import Load, ServerProcess, read_journal
+from .server_process import Load, ServerProcess, check_journal, read_journal, rss
 
 
 def test_serves_and_stops_cleanly(server):
@@ -122,12 +122,8 @@ def test_kill_9_under_load_loses_no_acked_message(server):
         load.stop()
     acked = load.acked
     restarted = server(journal=process.journal)
-    records = read_journal(process.journal)
-    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    journaled = {r["seq"]: r["text"] for r in records if r["event"] == "message"}
     assert acked
-    for seq, text in acked:
-        assert journaled.get(seq) == text
+    journaled = check_journal(read_journal(process.journal), acked)
     client = restarted.connect()
     client.request("AUTH bob")
     assert client.stats()["total"] == str(len(journaled))
@@ -217,7 +213,7 @@ def test_client_that_never_reads_cannot_grow_server_memory(server):
     import socket
 
     process = server("--work-delay", "1")
-    rss_before = _rss(process.process.pid)
+    rss_before = rss(process.process.pid)
     flood = socket.create_connection(("127.0.0.1", process.port))
     flood.sendall(b"AUTH alice\n")
     flood.setblocking(False)
@@ -239,17 +235,10 @@ def test_client_that_never_reads_cannot_grow_server_memory(server):
     stats = other.stats()
     assert 0 < int(stats["inflight"]) <= 1000
     assert int(stats["inflight_peak"]) <= 1000
-    growth = _rss(process.process.pid) - rss_before
+    growth = rss(process.process.pid) - rss_before
     assert growth < 50 * 1024 * 1024, f"server RSS grew by {growth} bytes"
     other.close()
     flood.close()
     assert process.stop() == 0
 
 
-def _rss(pid):
-    """The resident set size of ``pid``, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")

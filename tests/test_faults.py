@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .server_process import Load, ServerProcess, read_journal, twistd_command
+from .server_process import Load, ServerProcess, check_journal, read_journal, twistd_command
 
 #: kill -9 cycles (20; they take about half a second each).
 CYCLES = 20
@@ -39,15 +39,6 @@ def _wait_for_start_record(process, timeout=10):
                 return [json.loads(line) for line in lines[:-1]]
         time.sleep(0.01)
     raise AssertionError("no start record from the new server")
-
-
-def _check_journal(records, acked):
-    """Contiguous seqs; every acked (seq, text) journaled; returns the message records."""
-    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    journaled = {r["seq"]: r["text"] for r in records if r["event"] == "message"}
-    missing = [(seq, text) for seq, text in acked if journaled.get(seq) != text]
-    assert not missing, f"acked but not journaled: {missing[:5]}"
-    return journaled
 
 
 def _load_until(process, cycle, acked, count):
@@ -82,7 +73,7 @@ def test_repeated_kill_9_under_load_loses_no_acked_message(tmp_path):
         process = ServerProcess(tmp_path, "--users", "alice,bob", journal=journal).start()
         try:
             records = _wait_for_start_record(process)
-            journaled = _check_journal(records, acked)
+            journaled = check_journal(records, acked)
             torn += records[-1]["torn_bytes"]
             assert records[-1]["messages"] == len(journaled)
             client = process.connect()
@@ -98,7 +89,7 @@ def test_repeated_kill_9_under_load_loses_no_acked_message(tmp_path):
                 process.kill()
     assert len(acked) >= CYCLES * ACKS_PER_CYCLE
     records = read_journal(journal)
-    _check_journal(records, acked)
+    check_journal(records, acked)
     assert sum(r["event"] == "start" for r in records) == CYCLES + 1
     print(f"{CYCLES} kill -9 cycles: {len(acked)} acked, all journaled; torn bytes cut: {torn}")
 
@@ -144,7 +135,7 @@ def _check_whole(path, acked):
         data = f.read()
     assert data.endswith(b"\n"), data[-80:]
     records = [json.loads(line) for line in data.split(b"\n")[:-1]]
-    journaled = _check_journal(records, acked)
+    journaled = check_journal(records, acked)
     assert sorted(journaled.items()) == sorted(acked)
     return records
 

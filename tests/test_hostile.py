@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .server_process import read_journal
+from .server_process import read_journal, rss
 
 #: Every ERR code docs/protocol.rst defines.
 ERR_CODES = {"auth", "busy", "encoding", "noauth", "state", "syntax", "timeout", "toolong",
@@ -89,13 +89,6 @@ def _still_serves(process, text="still here"):
     return int(reply[3:]), stats
 
 
-def _rss(pid):
-    """The resident set size of ``pid``, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def _in_threads(*functions):
@@ -239,7 +232,7 @@ def test_huge_line_without_newline_is_refused(server, prefix):
     and closes once the line passes --max-line (64 KiB), before 20 MB are
     sent; its RSS grows by under 10 MB and nothing is journaled."""
     process = server()
-    rss_before = _rss(process.process.pid)
+    rss_before = rss(process.process.pid)
     client = RawClient(process.port)
     assert client.read_line().startswith("HELLO ")
     if prefix:
@@ -268,7 +261,7 @@ def test_huge_line_without_newline_is_refused(server, prefix):
         assert client.read_line() == "ERR toolong"
     except ConnectionResetError:
         pytest.fail("the connection was reset before ERR toolong could be read")
-    growth = _rss(process.process.pid) - rss_before
+    growth = rss(process.process.pid) - rss_before
     assert growth < 10 * 1024 * 1024, f"server RSS grew by {growth} bytes"
     client.close()
     _still_serves(process)
@@ -343,7 +336,7 @@ def test_flooders_do_not_slow_down_other_clients(server):
     flight (inflight_peak at most 3001, the probe's one included), and the
     server's RSS grows by under 50 MB."""
     process = server()
-    rss_before = _rss(process.process.pid)
+    rss_before = rss(process.process.pid)
     stalled = []
 
     def flood():
@@ -378,7 +371,7 @@ def test_flooders_do_not_slow_down_other_clients(server):
     assert len(stalled) == 3, "a flooder was never stalled"
     stats = other.stats()
     assert int(stats["inflight_peak"]) <= 3 * 1000 + 1, stats  # the flooders' and the probe's
-    growth = _rss(process.process.pid) - rss_before
+    growth = rss(process.process.pid) - rss_before
     assert growth < 50 * 1024 * 1024, f"server RSS grew by {growth} bytes"
     other.close()
     for client in flooders:

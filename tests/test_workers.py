@@ -21,7 +21,7 @@ from twisted.python.usage import UsageError
 from cserver.tap import Options
 from cserver.workers import parse_tcp, reuseport_sockets
 
-from .server_process import Load, ServerProcess, read_journal
+from .server_process import Load, ServerProcess, check_journal, read_journal
 
 _STARTED = re.compile(r"worker (\d+) started, pid (\d+)")
 
@@ -283,12 +283,8 @@ def test_kill_9_of_a_worker_loses_no_acked_message_and_it_is_restarted(server):
     stats = _stats_of_worker(process, 0)
     assert int(stats["total"]) >= len(acked)
     assert process.stop() == 0
-    records = read_journal(process.journal)
-    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    journaled = {r["seq"]: r["text"] for r in records if r["event"] == "message"}
     assert acked
-    for seq, text in acked:
-        assert journaled.get(seq) == text
+    check_journal(read_journal(process.journal), acked)
 
 
 #: kill -9 cycles of a worker.
@@ -319,11 +315,7 @@ def test_repeated_kill_9_of_a_worker_under_load_loses_no_acked_message(server):
         acked.extend(load.acked)
         new = worker_pids(process)
         assert new[index] != victim
-        records = read_journal(process.journal)
-        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-        journaled = {r["seq"]: r["text"] for r in records if r["event"] == "message"}
-        missing = [(seq, text) for seq, text in acked if journaled.get(seq) != text]
-        assert not missing, f"cycle {cycle}: acked but not journaled: {missing[:5]}"
+        journaled = check_journal(read_journal(process.journal), acked, f"cycle {cycle}: ")
         stats = _stats_of_worker(process, index)
         # _stats_of_worker's probe MSG is journaled after the STATS it read.
         assert int(stats["total"]) == len(journaled)
