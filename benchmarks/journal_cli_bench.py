@@ -11,15 +11,12 @@ on the same file for comparison::
     python benchmarks/journal_cli_bench.py [--records N] [PATH]
 """
 
-import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-from recovery_bench import write_journal
+from recovery_bench import journal_main, write_journal
 
 from cserver.recovery import check
 
@@ -64,18 +61,7 @@ def bench(path, records):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", nargs="?", help="the journal (written there if missing)")
-    parser.add_argument("--records", type=int, default=1_000_000,
-                        help="records to write (default 1,000,000)")
-    args = parser.parse_args(argv)
-    if args.path:
-        return 0 if bench(args.path, args.records) else 1
-    directory = tempfile.mkdtemp(prefix="cserver-bench-")
-    try:
-        return 0 if bench(os.path.join(directory, "journal.jsonl"), args.records) else 1
-    finally:
-        shutil.rmtree(directory)
+    return journal_main(bench, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

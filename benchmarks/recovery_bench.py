@@ -89,8 +89,13 @@ def bench(path, records):
     return open_seconds < BAR
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def journal_main(bench, description, argv=None):
+    """
+    The command line of a benchmark over one journal: ``[path] [--records N]``;
+    ``bench(path, records)`` runs on ``path`` or, without one, on a journal in a
+    temporary directory.  Exit status 0 when it returns true.
+    """
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("path", nargs="?", help="the journal (written there if missing)")
     parser.add_argument("--records", type=int, default=1_000_000,
                         help="records to write (default 1,000,000)")
@@ -99,6 +104,10 @@ def main(argv=None):
         return 0 if bench(args.path, args.records) else 1
     with tempfile.TemporaryDirectory(prefix="cserver-bench-") as directory:
         return 0 if bench(os.path.join(directory, "journal.jsonl"), args.records) else 1
+
+
+def main(argv=None):
+    return journal_main(bench, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":
