@@ -7,7 +7,8 @@ reads the shared memory of ``--workers N`` (the totals, and each worker's
 figures labelled ``worker="0"`` .. ``worker="N-1"``).  The only timing on a
 hot path is the fsync histogram: :func:`time_fsync` wraps a journal's
 ``_os_fdatasync`` on the instance (one ``perf_counter`` pair per fdatasync,
-in the journal's sync thread; prometheus_client's histogram is thread-safe).
+in the reactor thread, or in the sync thread with ``--sync-thread``;
+prometheus_client's histogram is thread-safe).
 
 The page is rendered by :class:`MetricsResource` on the reactor thread, so
 the figures of one scrape are one consistent snapshot; it does not use

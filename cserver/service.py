@@ -17,6 +17,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from cserver import __version__
+from cserver.eager import eager_writes
 from cserver.notify import Notifier
 
 
@@ -30,12 +31,16 @@ class CServerService(Service):
         reactor so that a graceful stop exits with status 0.
     @ivar notifier: a :class:`cserver.notify.Notifier` (default: one for
         this process's environment: silent unless ``$NOTIFY_SOCKET`` is set).
+    @ivar eager: give a TCP port's connections eager writes
+        (:mod:`cserver.eager`).
     """
 
     log = Logger()
 
-    def __init__(self, factory, endpoint, reactor, exit_cleanly=False, notifier=None):
+    def __init__(self, factory, endpoint, reactor, exit_cleanly=False, notifier=None,
+                 eager=False):
         self.factory = factory
+        self.eager = eager
         self.notifier = Notifier() if notifier is None else notifier
         self.endpoint = endpoint
         self.reactor = reactor
@@ -71,6 +76,8 @@ class CServerService(Service):
 
     def _listened(self, port):
         self.port = port
+        if self.eager:
+            eager_writes(port)
         journal = self.factory.journal
         self.log.info(
             "cserver {version} listening on {address}; journal {path} "

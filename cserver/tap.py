@@ -15,6 +15,8 @@ DEFAULT_PORT = "tcp:31337:interface=127.0.0.1"
 #: The listen backlog added to endpoint descriptions that do not set one:
 #: Twisted's default of 50 makes 1000 simultaneous connects take seconds.
 BACKLOG = 4096
+#: The --writes modes: see cserver.eager.
+WRITE_MODES = ("eager", "queued")
 
 
 def _positive_int(value):
@@ -57,10 +59,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     )
     supportedInterfaces = (IUsernamePassword,)
 
+    optFlags = [
+        ["sync-thread", None, "fdatasync the journal in a thread of its own, so that a "
+         "slow disk does not hold up the reactor (default: in the reactor, between its "
+         "turns, which is faster on a disk that syncs in a millisecond)."],
+    ]
+
     optParameters = [
         ["port", "p", DEFAULT_PORT, "Endpoint description to listen on."],
         ["journal", "j", "cserver.jsonl", "The journal file (JSON Lines, append-only)."],
         ["fsync", None, "always", f"When to fsync the journal: {', '.join(FSYNC_MODES)}."],
+        ["writes", None, "eager", "How replies are written: eager (sent at once when "
+         "nothing is queued ahead) or queued (Twisted's default: sent when the reactor "
+         "next finds the socket writable)."],
         ["users", "u", None, "Comma-separated user names AUTH accepts without --auth "
          "(default: the account running the server)."],
         ["max-connections", None, 10000, "Connections open at once.", _positive_int],
@@ -95,6 +106,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["fsync"] not in FSYNC_MODES:
             raise usage.UsageError(
                 f"--fsync must be one of {', '.join(FSYNC_MODES)}, not {self['fsync']!r}"
+            )
+        if self["writes"] not in WRITE_MODES:
+            raise usage.UsageError(
+                f"--writes must be one of {', '.join(WRITE_MODES)}, not {self['writes']!r}"
             )
         if self["users"] is None:
             self["users"] = getpass.getuser()
@@ -150,7 +165,7 @@ def makeService(config):
     from twisted.logger import Logger
 
     from cserver.auth import allow_list_portal, password_portal
-    from cserver.journal import FileJournal, SyncThread
+    from cserver.journal import FileJournal
     from cserver.recovery import JournalDamaged
     from cserver.server import CServerFactory, Limits
     from cserver.service import CServerService
@@ -194,7 +209,7 @@ def makeService(config):
             config["journal"],
             reactor,
             fsync=config["fsync"],
-            syncer=SyncThread(reactor.callFromThread),
+            syncer=make_syncer(config["sync-thread"], reactor),
         )
     except JournalDamaged as e:
         raise SystemExit(f"cserver: {e}") from None
@@ -206,13 +221,26 @@ def makeService(config):
         portal = allow_list_portal(config["user_list"])
     factory = CServerFactory(journal, portal, reactor, limits)
     endpoint = serverFromString(reactor, config["port"])
-    service = CServerService(factory, endpoint, reactor, exit_cleanly=True)
+    service = CServerService(factory, endpoint, reactor, exit_cleanly=True,
+                             eager=config["writes"] == "eager")
     if metrics_endpoint is not None:
         from cserver.metrics import server_registry
 
         service = with_metrics(service, metrics_endpoint, server_registry(factory))
     tune_interpreter()
     return service
+
+
+def make_syncer(in_thread, reactor):
+    """
+    What makes the journal's written batches durable (``--fsync always``):
+    a :class:`cserver.journal.SyncThread` with ``--sync-thread``, else an
+    :class:`cserver.journal.InlineSyncer`, which fdatasyncs in the reactor
+    thread at the end of the turn that wrote the batch.
+    """
+    from cserver.journal import InlineSyncer, SyncThread
+
+    return SyncThread(reactor.callFromThread) if in_thread else InlineSyncer()
 
 
 def with_metrics(server, endpoint, registry):
@@ -242,8 +270,9 @@ def tune_interpreter():
     - everything loaded at start moves out of the collector's sight
       (``gc.freeze``), and the young generation is collected every 10,000
       allocations instead of 700 -- each MSG makes a few short-lived objects;
-    - a thread waiting for the interpreter lock (the journal's sync thread,
-      done with an fdatasync) gets it within 0.5 ms instead of 5 ms.
+    - a thread waiting for the interpreter lock (the journal's sync thread
+      with ``--sync-thread``, done with an fdatasync, or a password check)
+      gets it within 0.5 ms instead of 5 ms.
     """
     gc.collect()
     gc.freeze()

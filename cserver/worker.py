@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger, formatEvent
 from zope.interface import implementer
 
+from cserver.eager import eager_writes
 from cserver.server import CServerFactory, Limits
 
 LISTEN_FD = 3
@@ -138,10 +139,11 @@ class Worker:
 
     log = Logger(namespace="cserver.worker")
 
-    def __init__(self, reactor, factory, family):
+    def __init__(self, reactor, factory, family, eager=False):
         self.reactor = reactor
         self.factory = factory
         self.family = family
+        self.eager = eager
         self.port = None
         self._publisher = None
 
@@ -150,6 +152,8 @@ class Worker:
 
         self.port = self.reactor.adoptStreamPort(LISTEN_FD, self.family, self.factory)
         os.close(LISTEN_FD)
+        if self.eager:
+            eager_writes(self.port)
         self._publisher = LoopingCall(self.factory.publish)
         self._publisher.clock = self.reactor
         self._publisher.start(PUBLISH_INTERVAL)
@@ -192,6 +196,8 @@ def parse_args(argv):
     parser.add_argument("--max-line", type=int, default=Limits.max_line)
     parser.add_argument("--work-delay", type=float, default=Limits.work_delay)
     parser.add_argument("--auth-throttle", type=int, default=Limits.auth_throttle)
+    parser.add_argument("--writes", choices=("eager", "queued"), default="eager")
+    parser.add_argument("--sync-thread", action="store_true")
     parser.add_argument("--base-served", type=int, default=0)
     parser.add_argument("--base-auth-failures", type=int, default=0)
     return parser.parse_args(argv)
@@ -223,13 +229,14 @@ def make_worker(args, reactor):
     from twisted.cred import strcred
 
     from cserver.auth import allow_list_portal, password_portal
-    from cserver.journal import SharedFileJournal, SyncThread
+    from cserver.journal import SharedFileJournal
     from cserver.shared import Shared
+    from cserver.tap import make_syncer
 
     shared = Shared.attach(SHARED_FD, args.workers)
     journal = SharedFileJournal.open(
         args.journal, reactor, shared, fsync=args.fsync,
-        syncer=SyncThread(reactor.callFromThread),
+        syncer=make_syncer(args.sync_thread, reactor),
     )
     if args.auth:
         portal = password_portal([strcred.makeChecker(d) for d in args.auth])
@@ -245,7 +252,7 @@ def make_worker(args, reactor):
     )
     base = {"served": args.base_served, "auth_failures": args.base_auth_failures}
     factory = WorkerFactory(journal, portal, reactor, limits, shared, args.index, base)
-    return Worker(reactor, factory, _FAMILIES[args.family])
+    return Worker(reactor, factory, _FAMILIES[args.family], eager=args.writes == "eager")
 
 
 def main(argv=None):

@@ -331,7 +331,10 @@ def worker_arguments(config):
         "--max-line", str(config["max-line"]),
         "--work-delay", str(config["work-delay"]),
         "--auth-throttle", str(config["auth-throttle"]),
+        "--writes", config["writes"],
     ]
+    if config["sync-thread"]:
+        argv.append("--sync-thread")
     for description in config.get("auth_descriptions", ()):
         argv += ["--auth", description]
     return argv

@@ -111,9 +111,12 @@ def _wait_inflight(process):
         probe.close()
 
 
-def test_kill_9_under_load_loses_no_acked_message(server):
-    """kill -9 while 20 clients send: after restart every acked (seq, text) is in the journal."""
-    process = server()
+@pytest.mark.parametrize("mode", [[], ["--sync-thread"], ["--writes", "queued"]],
+                         ids=["default", "sync-thread", "queued-writes"])
+def test_kill_9_under_load_loses_no_acked_message(server, mode):
+    """kill -9 while 20 clients send: after restart every acked (seq, text) is in the journal,
+    whichever way the server syncs and writes."""
+    process = server(*mode)
     load = Load(process.port, clients=20, until=400).start()
     try:
         assert load.enough.wait(60), "the clients got no acks"

@@ -11,6 +11,7 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 
 from cserver.auth import AllowListChecker, TextOrBytesChecker
+from cserver.journal import InlineSyncer, SyncThread
 from cserver.tap import Options, makeService, raise_open_file_limit, with_backlog
 
 #: makeService tunes the interpreter for serving: put the test process back.
@@ -38,6 +39,8 @@ def test_defaults():
         "max-line": 65536,
         "work-delay": 0.0,
         "auth-throttle": 5,
+        "writes": "eager",
+        "sync-thread": False,
     }
     assert {key: options[key] for key in expected} == expected
     assert not options.get("credCheckers")
@@ -69,6 +72,7 @@ def test_all_options():
         (["--idle-timeout", "-1"], "must be 0 or more"),
         (["--work-delay", "nan"], "must be 0 or more"),
         (["--users", " , "], "--users names nobody"),
+        (["--writes", "lazy"], "--writes must be one of eager, queued"),
     ],
 )
 def test_bad_options_are_refused(args, message):
@@ -119,6 +123,27 @@ def test_make_service_wires_the_parts(tmp_path):
         [checker] = factory.portal.checkers.values()
         assert isinstance(checker, AllowListChecker)
         assert checker.users == {"alice"}
+    finally:
+        service.factory.journal.close()
+
+
+def test_make_service_defaults_to_eager_writes_and_syncs_in_the_reactor(tmp_path):
+    """By default the service gives its port eager writes and the journal fdatasyncs inline."""
+    service = makeService(parse("--journal", str(tmp_path / "j")))
+    try:
+        assert service.eager is True
+        assert isinstance(service.factory.journal._syncer, InlineSyncer)
+    finally:
+        service.factory.journal.close()
+
+
+def test_make_service_with_queued_writes_and_a_sync_thread(tmp_path):
+    """--writes queued keeps Twisted's transport; --sync-thread fdatasyncs in a SyncThread."""
+    service = makeService(parse("--journal", str(tmp_path / "j"), "--writes", "queued",
+                                "--sync-thread"))
+    try:
+        assert service.eager is False
+        assert isinstance(service.factory.journal._syncer, SyncThread)
     finally:
         service.factory.journal.close()
 

@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 
 from cserver.tap import Options
-from cserver.workers import parse_tcp, reuseport_sockets
+from cserver.worker import parse_args
+from cserver.workers import parse_tcp, reuseport_sockets, worker_arguments
 
 from .server_process import Load, ServerProcess, check_journal, read_journal
 
@@ -49,6 +50,18 @@ def test_restart_delays_are_options_and_checked():
     assert (options["restart-delay"], options["restart-max-delay"]) == (0.05, 0.2)
     with pytest.raises(UsageError, match="restart-max-delay"):
         Options().parseOptions(["--restart-delay", "5", "--restart-max-delay", "1"])
+
+
+@pytest.mark.parametrize("args, writes, sync_thread", [
+    ([], "eager", False),
+    (["--writes", "queued", "--sync-thread"], "queued", True),
+])
+def test_workers_get_the_write_and_sync_options(args, writes, sync_thread):
+    """--writes and --sync-thread reach each worker's command line and are parsed there."""
+    options = Options()
+    options.parseOptions(["--workers", "2", *args])
+    worker = parse_args(["--index", "0", "--workers", "2", *worker_arguments(options)])
+    assert (worker.writes, worker.sync_thread) == (writes, sync_thread)
 
 
 class _SpawningClock(Clock):
