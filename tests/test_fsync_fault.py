@@ -1,21 +1,26 @@
 """An fsync failure under a real ``twistd -n cserver``: once an fdatasync of
 the journal fails, nothing more is acknowledged until the server is
-restarted, and the restart on the same journal recovers.
+restarted, and the restart on the same journal recovers.  And a slow
+fdatasync: what it holds up with the sync in the reactor and with
+``--sync-thread``.
 
 The failure is injected from outside the package: tests/fsync_fault.c,
 compiled here with the C compiler and loaded into the server with
 LD_PRELOAD, makes fdatasync(2) and fsync(2) fail with EIO while a trigger
-file exists (its path in ``$CSERVER_FAULT_FSYNC_TRIGGER``) and forwards them
-to libc otherwise.  Python's ``os.fdatasync`` reaches it: libpython calls
-libc's dynamic ``fdatasync`` symbol, which the preloaded library defines
-first.  (The unit tests in tests/test_journal.py replace
-``FileJournal._os_fdatasync`` instead.)"""
+file exists (its path in ``$CSERVER_FAULT_FSYNC_TRIGGER``), or sleep first
+(``$CSERVER_FAULT_FSYNC_DELAY_MS``), and forwards them to libc otherwise.
+Python's ``os.fdatasync`` reaches it: libpython calls libc's dynamic
+``fdatasync`` symbol, which the preloaded library defines first.  (The unit
+tests in tests/test_journal.py replace ``FileJournal._os_fdatasync``
+instead.)"""
 
 import errno
 import os
 import re
+import select
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -69,9 +74,9 @@ class FaultyDisk:
         self.shim = shim
         self.servers = []
 
-    def start(self):
-        server = ServerProcess(self.directory, "--users", "alice,bob", journal=self.journal,
-                               env=self.env)
+    def start(self, *args):
+        server = ServerProcess(self.directory, "--users", "alice,bob", *args,
+                               journal=self.journal, env=self.env)
         self.servers.append(server)
         return server.start()
 
@@ -125,12 +130,13 @@ def _break(server, disk, client):
     assert server.wait_for(FAILURE_LOGGED, 10), "".join(server.output)
 
 
-def _serving_and_broken(disk, count=3):
+def _serving_and_broken(disk, count=3, args=()):
     """
-    A server that acked ``count`` MSGs from alice and then had an fsync
-    fail; the server, alice's connection and the acked (seq, text).
+    A server (started with ``args``) that acked ``count`` MSGs from alice and
+    then had an fsync fail; the server, alice's connection and the acked
+    (seq, text).
     """
-    server = disk.start()
+    server = disk.start(*args)
     client = server.connect()
     assert client.request("AUTH alice") == "OK alice"
     # An ack means every record up to it is synced, the start record too, so
@@ -165,13 +171,15 @@ def test_shim_loaded_and_not_triggered_acks_normally(disk):
     assert [records[0]["event"], records[-1]["event"]] == ["start", "stop"]
 
 
-def test_fsync_failure_refuses_the_msg_and_the_server_keeps_running(disk):
+@pytest.mark.parametrize("args", [(), ("--sync-thread",)], ids=["inline", "sync-thread"])
+def test_fsync_failure_refuses_the_msg_and_the_server_keeps_running(disk, args):
     """Once fsyncs fail, the next MSG gets ``ERR unavailable fsync failed: EIO
     Input/output error``; the server logs ``journal: fsync failed: ...; no
     more records are taken until restart`` at level critical, keeps running
     and still answers STATS (the refused MSG not counted); the refused
-    record is cut off the file, which holds exactly the acked MSGs."""
-    server, client, acked = _serving_and_broken(disk)
+    record is cut off the file, which holds exactly the acked MSGs.  The
+    same whether the fdatasync runs in the reactor or in the sync thread."""
+    server, client, acked = _serving_and_broken(disk, args=args)
     assert server.process.poll() is None, "the server exited after the fsync failure"
     stats = client.stats()
     assert (stats["total"], stats["served"], stats["inflight"]) == ("3", "3", "0"), stats
@@ -296,3 +304,54 @@ def test_fsync_failing_from_the_start_refuses_msgs_and_says_why(disk):
     assert server.stop() == 0
     assert not any("Unhandled error" in line for line in server.output), "".join(server.output)
     assert read_journal(disk.journal) == before
+
+
+# -- a slow disk ----------------------------------------------------------------------------
+
+#: How long each fdatasync takes while the disk is slow: far longer than a
+#: STATS round trip, so that the order of the replies below is certain.
+SLOW_SYNC_MS = 1500
+
+
+@pytest.mark.parametrize("args, answered_during_sync", [
+    (("--sync-thread",), True),
+    ((), False),
+], ids=["sync-thread", "inline"])
+def test_a_slow_fsync_holds_up_other_clients_only_without_the_sync_thread(
+        tmp_path, shim, args, answered_during_sync):
+    """While a MSG's fdatasync is under way (the shim makes it take 1.5 s), a STATS from
+    another client is answered at once with --sync-thread -- the MSG still in flight and
+    not yet acked -- while by default the reactor waits for the sync: STATS is answered
+    after the MSG's ack, with nothing in flight.  The MSG is acked in both."""
+    slow, mark = tmp_path / "slow", tmp_path / "syncing"
+    env = {
+        "LD_PRELOAD": " ".join(filter(None, [shim, os.environ.get("LD_PRELOAD")])),
+        "CSERVER_FAULT_FSYNC_DELAY_MS": str(SLOW_SYNC_MS),
+        "CSERVER_FAULT_FSYNC_SLOW": str(slow),
+        "CSERVER_FAULT_FSYNC_MARK": str(mark),
+    }
+    server = ServerProcess(tmp_path, "--users", "alice,bob", *args, env=env).start()
+    try:
+        writer, probe = server.connect(), server.connect()
+        assert writer.request("AUTH alice") == "OK alice"
+        assert probe.request("AUTH bob") == "OK bob"
+        slow.touch()
+        writer.send("MSG written to a slow disk")
+        deadline = time.monotonic() + 10
+        while not mark.exists():  # the shim creates it as the slow sync begins
+            assert time.monotonic() < deadline, "no fdatasync began"
+            time.sleep(0.005)
+        stats = probe.stats()
+        acked_already = select.select([writer.sock], [], [], 0)[0] != []
+        if answered_during_sync:
+            assert (stats["inflight"], acked_already) == ("1", False), stats
+        else:
+            assert (stats["inflight"], acked_already) == ("0", True), stats
+        slow.unlink()
+        assert writer.read_line().startswith("OK ")
+        writer.close()
+        probe.close()
+        assert server.stop() == 0
+    finally:
+        if server.process.poll() is None:
+            server.kill()
