@@ -32,7 +32,7 @@ from collections import deque
 from contextlib import suppress
 from json import dumps, loads
 from json.encoder import encode_basestring as _quote
-from time import time
+from time import perf_counter, time
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel
@@ -431,6 +431,7 @@ class SyncThread:
         self._call_from_thread = call_from_thread
         self._condition = threading.Condition()
         self._wanted = 0
+        self._done = 0
         self._stopping = False
         self._thread = None
 
@@ -455,13 +456,19 @@ class SyncThread:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(10)
 
+    def busy(self):
+        """
+        Whether a sync is running or requested.
+        """
+        with self._condition:
+            return self._wanted != self._done
+
     def _run(self):
-        done = 0
         while True:
             with self._condition:
-                while self._wanted == done and not self._stopping:
+                while self._wanted == self._done and not self._stopping:
                     self._condition.wait()
-                if self._wanted == done:
+                if self._wanted == self._done:
                     return
                 target = self._wanted
             try:
@@ -469,8 +476,67 @@ class SyncThread:
             except BaseException as e:  # reported, and the journal refuses from now on
                 self._call_from_thread(self._failed, target, e)
                 return
-            done = target
+            with self._condition:
+                self._done = target
             self._call_from_thread(self._durable, target)
+
+
+class AutoSyncer:
+    """
+    Sync in the reactor thread while syncs are quick, in a :class:`SyncThread`
+    while they are slow.
+
+    In the reactor a sync costs no handoff between threads, and on a disk
+    that syncs in a fraction of a millisecond that is the faster way; but
+    the reactor serves nobody while it waits, so on a slow disk the thread
+    is faster, and keeps other clients served.  Each sync's duration feeds a
+    moving average (weight 1/5 for the newest); a request goes to the thread
+    while that average is over ``slow`` seconds, or while the thread still
+    has a sync running or requested -- so the two never sync at once, and a
+    reopen's swap of the file never races a sync.
+
+    @param call_from_thread: ``reactor.callFromThread``.
+    @param timer: seconds, for timing each sync.
+    """
+
+    def __init__(self, call_from_thread, slow=0.002, timer=perf_counter):
+        self.slow = slow
+        self.average = 0.0
+        self._timer = timer
+        self._thread = SyncThread(call_from_thread)
+
+    def bind(self, sync, durable, failed):
+        self._sync = sync
+        self._durable = durable
+        self._failed = failed
+        self._thread.bind(self._timed_sync, durable, failed)
+
+    def _timed_sync(self):
+        start = self._timer()
+        try:
+            self._sync()
+        finally:
+            self.average += (self._timer() - start - self.average) / 5
+
+    def in_thread(self):
+        """
+        Whether the next request goes to the thread.
+        """
+        return self.average > self.slow or self._thread.busy()
+
+    def request(self, seq):
+        if self.in_thread():
+            self._thread.request(seq)
+            return
+        try:
+            self._timed_sync()
+        except OSError as e:
+            self._failed(seq, e)
+            return
+        self._durable(seq)
+
+    def stop(self):
+        self._thread.stop()
 
 
 def _call(ack, seq, reason):

@@ -7,7 +7,7 @@ reads the shared memory of ``--workers N`` (the totals, and each worker's
 figures labelled ``worker="0"`` .. ``worker="N-1"``).  The only timing on a
 hot path is the fsync histogram: :func:`time_fsync` wraps a journal's
 ``_os_fdatasync`` on the instance (one ``perf_counter`` pair per fdatasync,
-in the reactor thread, or in the sync thread with ``--sync-thread``;
+in the reactor thread or in the sync thread, as ``--sync`` has it;
 prometheus_client's histogram is thread-safe).
 
 The page is rendered by :class:`MetricsResource` on the reactor thread, so

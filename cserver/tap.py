@@ -17,6 +17,8 @@ DEFAULT_PORT = "tcp:31337:interface=127.0.0.1"
 BACKLOG = 4096
 #: The --writes modes: see cserver.eager.
 WRITE_MODES = ("eager", "queued")
+#: The --sync modes: see make_syncer.
+SYNC_MODES = ("auto", "reactor", "thread")
 
 
 def _positive_int(value):
@@ -59,16 +61,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     )
     supportedInterfaces = (IUsernamePassword,)
 
-    optFlags = [
-        ["sync-thread", None, "fdatasync the journal in a thread of its own, so that a "
-         "slow disk does not hold up the reactor (default: in the reactor, between its "
-         "turns, which is faster on a disk that syncs in a millisecond)."],
-    ]
-
     optParameters = [
         ["port", "p", DEFAULT_PORT, "Endpoint description to listen on."],
         ["journal", "j", "cserver.jsonl", "The journal file (JSON Lines, append-only)."],
         ["fsync", None, "always", f"When to fsync the journal: {', '.join(FSYNC_MODES)}."],
+        ["sync", None, "auto", "Where the journal is fdatasync'd (--fsync always): reactor "
+         "(in the reactor thread, at the end of the turn that wrote the batch), thread (in "
+         "a thread of its own, so that a slow disk does not hold up the reactor) or auto "
+         "(in the reactor while syncs take under 2 ms on average, else in the thread)."],
         ["writes", None, "eager", "How replies are written: eager (sent at once when "
          "nothing is queued ahead) or queued (Twisted's default: sent when the reactor "
          "next finds the socket writable)."],
@@ -106,6 +106,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["fsync"] not in FSYNC_MODES:
             raise usage.UsageError(
                 f"--fsync must be one of {', '.join(FSYNC_MODES)}, not {self['fsync']!r}"
+            )
+        if self["sync"] not in SYNC_MODES:
+            raise usage.UsageError(
+                f"--sync must be one of {', '.join(SYNC_MODES)}, not {self['sync']!r}"
             )
         if self["writes"] not in WRITE_MODES:
             raise usage.UsageError(
@@ -209,7 +213,7 @@ def makeService(config):
             config["journal"],
             reactor,
             fsync=config["fsync"],
-            syncer=make_syncer(config["sync-thread"], reactor),
+            syncer=make_syncer(config["sync"], reactor),
         )
     except JournalDamaged as e:
         raise SystemExit(f"cserver: {e}") from None
@@ -231,16 +235,23 @@ def makeService(config):
     return service
 
 
-def make_syncer(in_thread, reactor):
+def make_syncer(mode, reactor):
     """
-    What makes the journal's written batches durable (``--fsync always``):
-    a :class:`cserver.journal.SyncThread` with ``--sync-thread``, else an
-    :class:`cserver.journal.InlineSyncer`, which fdatasyncs in the reactor
-    thread at the end of the turn that wrote the batch.
+    What makes the journal's written batches durable (``--fsync always``),
+    for a ``--sync`` mode: ``reactor``, an
+    :class:`cserver.journal.InlineSyncer` (fdatasync in the reactor thread,
+    at the end of the turn that wrote the batch); ``thread``, a
+    :class:`cserver.journal.SyncThread`; ``auto``, an
+    :class:`cserver.journal.AutoSyncer` (the first while syncs are quick,
+    the second while they are slow).
     """
-    from cserver.journal import InlineSyncer, SyncThread
+    from cserver.journal import AutoSyncer, InlineSyncer, SyncThread
 
-    return SyncThread(reactor.callFromThread) if in_thread else InlineSyncer()
+    if mode == "reactor":
+        return InlineSyncer()
+    if mode == "thread":
+        return SyncThread(reactor.callFromThread)
+    return AutoSyncer(reactor.callFromThread)
 
 
 def with_metrics(server, endpoint, registry):
@@ -270,9 +281,9 @@ def tune_interpreter():
     - everything loaded at start moves out of the collector's sight
       (``gc.freeze``), and the young generation is collected every 10,000
       allocations instead of 700 -- each MSG makes a few short-lived objects;
-    - a thread waiting for the interpreter lock (the journal's sync thread
-      with ``--sync-thread``, done with an fdatasync, or a password check)
-      gets it within 0.5 ms instead of 5 ms.
+    - a thread waiting for the interpreter lock (the journal's sync thread,
+      done with an fdatasync, or a password check) gets it within 0.5 ms
+      instead of 5 ms.
     """
     gc.collect()
     gc.freeze()

@@ -197,7 +197,7 @@ def parse_args(argv):
     parser.add_argument("--work-delay", type=float, default=Limits.work_delay)
     parser.add_argument("--auth-throttle", type=int, default=Limits.auth_throttle)
     parser.add_argument("--writes", choices=("eager", "queued"), default="eager")
-    parser.add_argument("--sync-thread", action="store_true")
+    parser.add_argument("--sync", choices=("auto", "reactor", "thread"), default="auto")
     parser.add_argument("--base-served", type=int, default=0)
     parser.add_argument("--base-auth-failures", type=int, default=0)
     return parser.parse_args(argv)
@@ -236,7 +236,7 @@ def make_worker(args, reactor):
     shared = Shared.attach(SHARED_FD, args.workers)
     journal = SharedFileJournal.open(
         args.journal, reactor, shared, fsync=args.fsync,
-        syncer=make_syncer(args.sync_thread, reactor),
+        syncer=make_syncer(args.sync, reactor),
     )
     if args.auth:
         portal = password_portal([strcred.makeChecker(d) for d in args.auth])

@@ -332,9 +332,8 @@ def worker_arguments(config):
         "--work-delay", str(config["work-delay"]),
         "--auth-throttle", str(config["auth-throttle"]),
         "--writes", config["writes"],
+        "--sync", config["sync"],
     ]
-    if config["sync-thread"]:
-        argv.append("--sync-thread")
     for description in config.get("auth_descriptions", ()):
         argv += ["--auth", description]
     return argv

@@ -111,8 +111,9 @@ def _wait_inflight(process):
         probe.close()
 
 
-@pytest.mark.parametrize("mode", [[], ["--sync-thread"], ["--writes", "queued"]],
-                         ids=["default", "sync-thread", "queued-writes"])
+@pytest.mark.parametrize("mode", [[], ["--sync", "reactor"], ["--sync", "thread"],
+                                  ["--writes", "queued"]],
+                         ids=["default", "sync-in-reactor", "sync-thread", "queued-writes"])
 def test_kill_9_under_load_loses_no_acked_message(server, mode):
     """kill -9 while 20 clients send: after restart every acked (seq, text) is in the journal,
     whichever way the server syncs and writes."""

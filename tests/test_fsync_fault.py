@@ -1,8 +1,8 @@
 """An fsync failure under a real ``twistd -n cserver``: once an fdatasync of
 the journal fails, nothing more is acknowledged until the server is
 restarted, and the restart on the same journal recovers.  And a slow
-fdatasync: what it holds up with the sync in the reactor and with
-``--sync-thread``.
+fdatasync: what it holds up with the sync in the reactor, in a thread, and
+with ``--sync auto`` (the default), which moves it to the thread.
 
 The failure is injected from outside the package: tests/fsync_fault.c,
 compiled here with the C compiler and loaded into the server with
@@ -21,6 +21,7 @@ import select
 import shutil
 import subprocess
 import time
+from contextlib import suppress
 
 import pytest
 
@@ -171,7 +172,8 @@ def test_shim_loaded_and_not_triggered_acks_normally(disk):
     assert [records[0]["event"], records[-1]["event"]] == ["start", "stop"]
 
 
-@pytest.mark.parametrize("args", [(), ("--sync-thread",)], ids=["inline", "sync-thread"])
+@pytest.mark.parametrize("args", [("--sync", "reactor"), ("--sync", "thread")],
+                         ids=["reactor", "thread"])
 def test_fsync_failure_refuses_the_msg_and_the_server_keeps_running(disk, args):
     """Once fsyncs fail, the next MSG gets ``ERR unavailable fsync failed: EIO
     Input/output error``; the server logs ``journal: fsync failed: ...; no
@@ -313,42 +315,87 @@ def test_fsync_failing_from_the_start_refuses_msgs_and_says_why(disk):
 SLOW_SYNC_MS = 1500
 
 
-@pytest.mark.parametrize("args, answered_during_sync", [
-    (("--sync-thread",), True),
-    ((), False),
-], ids=["sync-thread", "inline"])
-def test_a_slow_fsync_holds_up_other_clients_only_without_the_sync_thread(
-        tmp_path, shim, args, answered_during_sync):
-    """While a MSG's fdatasync is under way (the shim makes it take 1.5 s), a STATS from
-    another client is answered at once with --sync-thread -- the MSG still in flight and
-    not yet acked -- while by default the reactor waits for the sync: STATS is answered
-    after the MSG's ack, with nothing in flight.  The MSG is acked in both."""
-    slow, mark = tmp_path / "slow", tmp_path / "syncing"
+def _slow_disk_server(tmp_path, shim, *args):
+    """
+    A server (users alice and bob, started with ``args``) whose fdatasyncs
+    take SLOW_SYNC_MS while ``tmp_path/slow`` exists; the shim creates
+    ``tmp_path/syncing`` as each slow one begins.
+    """
     env = {
         "LD_PRELOAD": " ".join(filter(None, [shim, os.environ.get("LD_PRELOAD")])),
         "CSERVER_FAULT_FSYNC_DELAY_MS": str(SLOW_SYNC_MS),
-        "CSERVER_FAULT_FSYNC_SLOW": str(slow),
-        "CSERVER_FAULT_FSYNC_MARK": str(mark),
+        "CSERVER_FAULT_FSYNC_SLOW": str(tmp_path / "slow"),
+        "CSERVER_FAULT_FSYNC_MARK": str(tmp_path / "syncing"),
     }
-    server = ServerProcess(tmp_path, "--users", "alice,bob", *args, env=env).start()
+    return ServerProcess(tmp_path, "--users", "alice,bob", *args, env=env).start()
+
+
+def _stats_during_a_slow_sync(tmp_path, writer, probe):
+    """
+    Send a MSG on ``writer``; once its slow fdatasync has begun, STATS on
+    ``probe``.  Returns STATS's ``inflight`` and whether the MSG's ack had
+    come by then; then waits for the ack.
+    """
+    mark = tmp_path / "syncing"
+    with suppress(FileNotFoundError):
+        mark.unlink()
+    writer.send("MSG written to a slow disk")
+    deadline = time.monotonic() + 10
+    while not mark.exists():  # the shim creates it as the slow sync begins
+        assert time.monotonic() < deadline, "no fdatasync began"
+        time.sleep(0.005)
+    stats = probe.stats()
+    acked_already = select.select([writer.sock], [], [], 0)[0] != []
+    assert writer.read_line().startswith("OK ")
+    return stats["inflight"], acked_already
+
+
+@pytest.mark.parametrize("mode, answered_during_sync", [("thread", True), ("reactor", False)])
+def test_a_slow_fsync_holds_up_other_clients_only_in_the_reactor(
+        tmp_path, shim, mode, answered_during_sync):
+    """While a MSG's fdatasync is under way (the shim makes it take 1.5 s), a STATS from
+    another client is answered at once with --sync thread -- the MSG still in flight and
+    not yet acked -- while with --sync reactor the reactor waits for the sync: STATS is
+    answered after the MSG's ack, with nothing in flight.  The MSG is acked in both."""
+    server = _slow_disk_server(tmp_path, shim, "--sync", mode)
     try:
         writer, probe = server.connect(), server.connect()
         assert writer.request("AUTH alice") == "OK alice"
         assert probe.request("AUTH bob") == "OK bob"
-        slow.touch()
-        writer.send("MSG written to a slow disk")
-        deadline = time.monotonic() + 10
-        while not mark.exists():  # the shim creates it as the slow sync begins
-            assert time.monotonic() < deadline, "no fdatasync began"
-            time.sleep(0.005)
-        stats = probe.stats()
-        acked_already = select.select([writer.sock], [], [], 0)[0] != []
-        if answered_during_sync:
-            assert (stats["inflight"], acked_already) == ("1", False), stats
-        else:
-            assert (stats["inflight"], acked_already) == ("0", True), stats
-        slow.unlink()
-        assert writer.read_line().startswith("OK ")
+        (tmp_path / "slow").touch()
+        seen = _stats_during_a_slow_sync(tmp_path, writer, probe)
+        assert seen == (("1", False) if answered_during_sync else ("0", True))
+        (tmp_path / "slow").unlink()
+        writer.close()
+        probe.close()
+        assert server.stop() == 0
+    finally:
+        if server.process.poll() is None:
+            server.kill()
+
+
+def test_auto_sync_moves_to_the_thread_once_the_disk_is_slow(tmp_path, shim):
+    """With --sync auto (the default) a quick disk is synced in the reactor; after one slow
+    fdatasync, which held up the reactor, the next is made in the thread (STATS answered
+    during it); once the disk is quick again, a few syncs bring the average down and the
+    reactor syncs again."""
+    server = _slow_disk_server(tmp_path, shim)
+    try:
+        writer, probe = server.connect(), server.connect()
+        assert writer.request("AUTH alice") == "OK alice"
+        assert probe.request("AUTH bob") == "OK bob"
+        assert writer.request("MSG quick").startswith("OK ")
+        (tmp_path / "slow").touch()
+        assert _stats_during_a_slow_sync(tmp_path, writer, probe) == ("0", True)
+        assert _stats_during_a_slow_sync(tmp_path, writer, probe) == ("1", False)
+        (tmp_path / "slow").unlink()
+        # An average of two 1.5 s syncs, a fifth of each new one's weight: 40 quick
+        # syncs bring it from about 0.5 s to under 2 ms.
+        for i in range(40):
+            assert writer.request(f"MSG quick {i}").startswith("OK ")
+        (tmp_path / "slow").touch()
+        assert _stats_during_a_slow_sync(tmp_path, writer, probe) == ("0", True)
+        (tmp_path / "slow").unlink()
         writer.close()
         probe.close()
         assert server.stop() == 0

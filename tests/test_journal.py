@@ -10,6 +10,8 @@ files under tmp_path; I/O errors are injected by replacing the instance's
 import errno
 import json
 import os
+import queue
+import threading
 import time
 from contextlib import suppress
 
@@ -24,6 +26,7 @@ from cserver.journal import (
     ACK,
     EVENT,
     FIELDS,
+    AutoSyncer,
     FileJournal,
     IJournal,
     MemoryJournal,
@@ -885,6 +888,125 @@ def test_sync_thread_reports_a_failed_sync(open_journal, clock):
 
 def _raise(error):
     raise error
+
+
+class _Timer:
+    """
+    A timer for AutoSyncer whose clock moves only in the journal's fdatasync,
+    by the duration set in :attr:`next` (the last one set stays).
+    """
+
+    def __init__(self, journal):
+        self.now = 0.0
+        self.next = 0.0001
+        self.threads = []
+        real_sync = journal._os_fdatasync
+
+        def timed(fd):
+            self.threads.append(threading.current_thread())
+            self.now += self.next
+            real_sync(fd)
+
+        journal._os_fdatasync = timed
+
+    def __call__(self):
+        return self.now
+
+
+def _auto(open_journal):
+    """
+    A file journal on an AutoSyncer whose thread reports into a queue; the
+    journal, the syncer, the timer and the queue.
+    """
+    reports = queue.Queue()
+    syncer = AutoSyncer(lambda f, *args: reports.put((f, args)))
+    journal = open_journal(syncer=syncer)
+    timer = syncer._timer = _Timer(journal)
+    return journal, syncer, timer, reports
+
+
+def _pump(reports, acks, seqs):
+    """Run the thread's reports in this (the reactor's) thread until ``seqs`` are acked."""
+    while acks.seqs != seqs:
+        f, args = reports.get(timeout=10)
+        f(*args)
+
+
+def test_auto_syncer_syncs_quick_disks_in_the_calling_thread(open_journal, clock):
+    """While syncs are quick AutoSyncer fdatasyncs at once, in the reactor's thread: the MSG
+    is acked in the same turn, and no thread is started."""
+    journal, syncer, timer, reports = _auto(open_journal)
+    acks = Acks()
+    for seq in (1, 2, 3):
+        message(journal, acks)
+        clock.advance(0)
+        assert acks.seqs[-1] == seq
+    assert set(timer.threads) == {threading.current_thread()}
+    assert syncer._thread._thread is None
+    assert syncer.average < syncer.slow
+
+
+def test_auto_syncer_moves_slow_syncs_to_the_thread_and_back(open_journal, clock):
+    """After a slow sync (20 ms: an average over the 2 ms bar) the next requests go to the
+    thread, whose reports ack them; once quick syncs bring the average under the bar again,
+    and the thread is idle, syncing is back in the calling thread."""
+    journal, syncer, timer, reports = _auto(open_journal)
+    acks = Acks()
+    timer.next = 0.020
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == [1]  # decided before it was timed: in this thread
+    assert syncer.average == pytest.approx(0.004)
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == [1]  # in the thread now: not acked until its report is run
+    _pump(reports, acks, [1, 2])
+    assert timer.threads[-1] is not threading.current_thread()
+    timer.next = 0.0001
+    seqs = [1, 2]
+    while syncer.in_thread():
+        message(journal, acks)
+        clock.advance(0)
+        seqs.append(seqs[-1] + 1)
+        _pump(reports, acks, seqs)
+    assert len(seqs) < 20
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == seqs + [seqs[-1] + 1]
+    assert timer.threads[-1] is threading.current_thread()
+
+
+def test_auto_syncer_keeps_to_the_thread_while_it_is_busy(open_journal, clock):
+    """While the thread has a sync running or requested, a request goes to it even when the
+    average is quick again: the two never sync at once."""
+    journal, syncer, timer, reports = _auto(open_journal)
+    syncer.average = 1.0
+    acks = Acks()
+    gate = threading.Event()
+    real_sync = journal._os_fdatasync
+    journal._os_fdatasync = lambda fd: (gate.wait(10), real_sync(fd))
+    message(journal, acks)
+    clock.advance(0)
+    syncer.average = 0.0
+    assert syncer._thread.busy() and syncer.in_thread()
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == []
+    gate.set()
+    _pump(reports, acks, [1, 2])
+    assert not syncer._thread.busy()
+
+
+def test_auto_syncer_reports_a_failed_sync_in_the_calling_thread(open_journal, clock):
+    """A quick-path fdatasync that fails refuses the record and breaks the journal, as
+    InlineSyncer does."""
+    journal, syncer, timer, reports = _auto(open_journal)
+    journal._os_fdatasync = lambda fd: _raise(OSError(errno.EIO, "Input/output error"))
+    acks = Acks()
+    message(journal, acks)
+    clock.advance(0)
+    assert acks.seqs == [None]
+    assert journal.broken.startswith("fsync failed: EIO")
 
 
 # -- close -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from cserver.journal import SyncThread
+from cserver.journal import AutoSyncer, SyncThread
 from cserver.recovery import recover
 
 from .server_process import read_journal
@@ -270,12 +270,19 @@ def test_a_second_reopen_while_one_is_under_way_gets_its_result(open_journal, cl
     assert seqs(path) == [2]
 
 
-def test_sync_thread_reopen_loses_and_reorders_nothing(open_journal, clock, path):
+@pytest.mark.parametrize("kind", ["thread", "auto"])
+def test_sync_thread_reopen_loses_and_reorders_nothing(open_journal, clock, path, kind):
     """With a real SyncThread and batches in flight, reopen() never has the thread sync a
     closed or swapped fd, acks an old-file record only after the old file's sync, and every
-    record lands once, in seq order, in the old file or after the reopen record in the new."""
+    record lands once, in seq order, in the old file or after the reopen record in the new.
+    The same with an AutoSyncer sending every other batch to the thread and the others to
+    the calling thread (when the thread is idle)."""
     reports = queue.Queue()
-    syncer = SyncThread(lambda f, *args: reports.put((f, args)))
+    if kind == "thread":
+        syncer = SyncThread(lambda f, *args: reports.put((f, args)))
+    else:
+        syncer = AutoSyncer(lambda f, *args: reports.put((f, args)))
+        syncer._timer = lambda: 0.0  # the average moves only as the test sets it
     journal = open_journal(syncer=syncer)
     synced = []  # (thread, inode, size) at each fdatasync
     errors = []
@@ -314,6 +321,9 @@ def test_sync_thread_reopen_loses_and_reorders_nothing(open_journal, clock, path
             f(*args)
 
     for batch in range(20):
+        if kind == "auto":
+            # Even batches (the blocked one, 10, among them) to the thread.
+            syncer.average = 1.0 if batch % 2 == 0 else 0.0
         if batch == 10:
             gate.clear()
         for i in range(5):
@@ -334,7 +344,8 @@ def test_sync_thread_reopen_loses_and_reorders_nothing(open_journal, clock, path
         f(*args)
         clock.advance(0)
     assert errors == []
-    assert all(thread is not threading.current_thread() for thread, _, _ in synced)
+    in_thread = [thread is not threading.current_thread() for thread, _, _ in synced]
+    assert all(in_thread) if kind == "thread" else (any(in_thread) and not all(in_thread))
     old = read_records(path + ".1")
     new = read_records(path)
     boundary = old[-1]["seq"]
@@ -353,7 +364,8 @@ def test_sync_thread_reopen_loses_and_reorders_nothing(open_journal, clock, path
             # Acked only after a sync of the old file that started once it held the record.
             assert any(ino == old_inode and size >= end for _, ino, size in acked_at[seq])
     journal.close()
-    assert not syncer._thread.is_alive()
+    thread = syncer._thread if kind == "thread" else syncer._thread._thread
+    assert not thread.is_alive()
 
 
 # -- recovery and restart ------------------------------------------------------------

@@ -11,7 +11,7 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 
 from cserver.auth import AllowListChecker, TextOrBytesChecker
-from cserver.journal import InlineSyncer, SyncThread
+from cserver.journal import AutoSyncer, InlineSyncer, SyncThread
 from cserver.tap import Options, makeService, raise_open_file_limit, with_backlog
 
 #: makeService tunes the interpreter for serving: put the test process back.
@@ -40,7 +40,7 @@ def test_defaults():
         "work-delay": 0.0,
         "auth-throttle": 5,
         "writes": "eager",
-        "sync-thread": False,
+        "sync": "auto",
     }
     assert {key: options[key] for key in expected} == expected
     assert not options.get("credCheckers")
@@ -73,6 +73,7 @@ def test_all_options():
         (["--work-delay", "nan"], "must be 0 or more"),
         (["--users", " , "], "--users names nobody"),
         (["--writes", "lazy"], "--writes must be one of eager, queued"),
+        (["--sync", "never"], "--sync must be one of auto, reactor, thread"),
     ],
 )
 def test_bad_options_are_refused(args, message):
@@ -127,23 +128,25 @@ def test_make_service_wires_the_parts(tmp_path):
         service.factory.journal.close()
 
 
-def test_make_service_defaults_to_eager_writes_and_syncs_in_the_reactor(tmp_path):
-    """By default the service gives its port eager writes and the journal fdatasyncs inline."""
+def test_make_service_defaults_to_eager_writes_and_the_auto_syncer(tmp_path):
+    """By default the service gives its port eager writes and the journal an AutoSyncer."""
     service = makeService(parse("--journal", str(tmp_path / "j")))
     try:
         assert service.eager is True
-        assert isinstance(service.factory.journal._syncer, InlineSyncer)
+        assert isinstance(service.factory.journal._syncer, AutoSyncer)
     finally:
         service.factory.journal.close()
 
 
-def test_make_service_with_queued_writes_and_a_sync_thread(tmp_path):
-    """--writes queued keeps Twisted's transport; --sync-thread fdatasyncs in a SyncThread."""
+@pytest.mark.parametrize("mode, syncer", [("reactor", InlineSyncer), ("thread", SyncThread),
+                                          ("auto", AutoSyncer)])
+def test_make_service_with_queued_writes_and_each_sync_mode(tmp_path, mode, syncer):
+    """--writes queued keeps Twisted's transport; --sync picks the journal's syncer."""
     service = makeService(parse("--journal", str(tmp_path / "j"), "--writes", "queued",
-                                "--sync-thread"))
+                                "--sync", mode))
     try:
         assert service.eager is False
-        assert isinstance(service.factory.journal._syncer, SyncThread)
+        assert type(service.factory.journal._syncer) is syncer
     finally:
         service.factory.journal.close()
 

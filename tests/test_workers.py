@@ -52,16 +52,16 @@ def test_restart_delays_are_options_and_checked():
         Options().parseOptions(["--restart-delay", "5", "--restart-max-delay", "1"])
 
 
-@pytest.mark.parametrize("args, writes, sync_thread", [
-    ([], "eager", False),
-    (["--writes", "queued", "--sync-thread"], "queued", True),
+@pytest.mark.parametrize("args, writes, sync", [
+    ([], "eager", "auto"),
+    (["--writes", "queued", "--sync", "thread"], "queued", "thread"),
 ])
-def test_workers_get_the_write_and_sync_options(args, writes, sync_thread):
-    """--writes and --sync-thread reach each worker's command line and are parsed there."""
+def test_workers_get_the_write_and_sync_options(args, writes, sync):
+    """--writes and --sync reach each worker's command line and are parsed there."""
     options = Options()
     options.parseOptions(["--workers", "2", *args])
     worker = parse_args(["--index", "0", "--workers", "2", *worker_arguments(options)])
-    assert (worker.writes, worker.sync_thread) == (writes, sync_thread)
+    assert (worker.writes, worker.sync) == (writes, sync)
 
 
 class _SpawningClock(Clock):
