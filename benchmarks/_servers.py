@@ -125,9 +125,10 @@ class ServerProcess:
     @ivar output: every line the server printed so far.
     """
 
-    def __init__(self, name, command, port=None, cwd=None, start_timeout=30.0):
+    def __init__(self, name, command, port=None, cwd=None, start_timeout=30.0, env=None):
         self.name = name
         self.command = [str(word) for word in command]
+        self.env = env
         self.port = port
         self.cwd = cwd
         self.start_timeout = start_timeout
@@ -142,6 +143,7 @@ class ServerProcess:
     def __enter__(self):
         self.process = subprocess.Popen(
             self.command, cwd=self.cwd, stdin=subprocess.DEVNULL,
+            env=None if self.env is None else {**os.environ, **self.env},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -210,15 +212,18 @@ class ServerProcess:
         return self.process.returncode
 
 
-def cserver(directory, *options, user=None):
-    """``twistd -n cserver`` on a free loopback port, with a fresh journal in ``directory``."""
+def cserver(directory, *options, user=None, env=None):
+    """
+    ``twistd -n cserver`` on a free loopback port, with a fresh journal in
+    ``directory``; ``env``: variables set for it over this process's.
+    """
     journal = os.path.join(directory, "journal.jsonl")
     command = [
         executable("twistd"), "-n", "--pidfile=", "cserver",
         "--port", "tcp:0:interface=127.0.0.1", "--journal", journal,
         "--users", user or getpass.getuser(), *options,
     ]
-    return ServerProcess("cserver", command, cwd=directory)
+    return ServerProcess("cserver", command, cwd=directory, env=env)
 
 
 def floor(directory, shared=SHARED_BENCH):
