@@ -148,7 +148,8 @@ class _BatchingJournal:
     default :class:`InlineSyncer`, which syncs at once in the reactor thread;
     :class:`SyncThread` syncs in a thread of its own, so the reactor goes on
     reading requests and writing the next batch while the disk syncs, and
-    one sync covers every batch written meanwhile.
+    one sync covers every batch written meanwhile; :class:`AutoSyncer` uses
+    the first while syncs are quick and the second while they are slow.
     """
 
     def __init__(self, clock, last_seq=0, size=0, fsync="always", sync_interval=1.0,

@@ -182,6 +182,8 @@ class Worker:
 
 
 def parse_args(argv):
+    from cserver.tap import SYNC_MODES, WRITE_MODES
+
     parser = argparse.ArgumentParser(prog="python -m cserver.worker")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
@@ -196,8 +198,8 @@ def parse_args(argv):
     parser.add_argument("--max-line", type=int, default=Limits.max_line)
     parser.add_argument("--work-delay", type=float, default=Limits.work_delay)
     parser.add_argument("--auth-throttle", type=int, default=Limits.auth_throttle)
-    parser.add_argument("--writes", choices=("eager", "queued"), default="eager")
-    parser.add_argument("--sync", choices=("auto", "reactor", "thread"), default="auto")
+    parser.add_argument("--writes", choices=WRITE_MODES, default="eager")
+    parser.add_argument("--sync", choices=SYNC_MODES, default="auto")
     parser.add_argument("--base-served", type=int, default=0)
     parser.add_argument("--base-auth-failures", type=int, default=0)
     return parser.parse_args(argv)

@@ -21,7 +21,7 @@ import select
 import shutil
 import subprocess
 import time
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 
 import pytest
 
@@ -315,11 +315,13 @@ def test_fsync_failing_from_the_start_refuses_msgs_and_says_why(disk):
 SLOW_SYNC_MS = 1500
 
 
-def _slow_disk_server(tmp_path, shim, *args):
+@contextmanager
+def _slow_disk(tmp_path, shim, *args):
     """
     A server (users alice and bob, started with ``args``) whose fdatasyncs
-    take SLOW_SYNC_MS while ``tmp_path/slow`` exists; the shim creates
-    ``tmp_path/syncing`` as each slow one begins.
+    take SLOW_SYNC_MS while ``tmp_path/slow`` exists (the shim creates
+    ``tmp_path/syncing`` as each slow one begins); yields alice's and bob's
+    authenticated connections.  The server must then stop with status 0.
     """
     env = {
         "LD_PRELOAD": " ".join(filter(None, [shim, os.environ.get("LD_PRELOAD")])),
@@ -327,18 +329,31 @@ def _slow_disk_server(tmp_path, shim, *args):
         "CSERVER_FAULT_FSYNC_SLOW": str(tmp_path / "slow"),
         "CSERVER_FAULT_FSYNC_MARK": str(tmp_path / "syncing"),
     }
-    return ServerProcess(tmp_path, "--users", "alice,bob", *args, env=env).start()
+    server = ServerProcess(tmp_path, "--users", "alice,bob", *args, env=env).start()
+    try:
+        writer, probe = server.connect(), server.connect()
+        assert writer.request("AUTH alice") == "OK alice"
+        assert probe.request("AUTH bob") == "OK bob"
+        yield writer, probe
+        writer.close()
+        probe.close()
+        assert server.stop() == 0
+    finally:
+        if server.process.poll() is None:
+            server.kill()
 
 
 def _stats_during_a_slow_sync(tmp_path, writer, probe):
     """
-    Send a MSG on ``writer``; once its slow fdatasync has begun, STATS on
-    ``probe``.  Returns STATS's ``inflight`` and whether the MSG's ack had
-    come by then; then waits for the ack.
+    With the disk slow, send a MSG on ``writer``; once its fdatasync has
+    begun, STATS on ``probe``.  Returns STATS's ``inflight`` and whether the
+    MSG's ack had come by then; then waits for the ack, and makes the disk
+    quick again.
     """
     mark = tmp_path / "syncing"
     with suppress(FileNotFoundError):
         mark.unlink()
+    (tmp_path / "slow").touch()
     writer.send("MSG written to a slow disk")
     deadline = time.monotonic() + 10
     while not mark.exists():  # the shim creates it as the slow sync begins
@@ -347,6 +362,7 @@ def _stats_during_a_slow_sync(tmp_path, writer, probe):
     stats = probe.stats()
     acked_already = select.select([writer.sock], [], [], 0)[0] != []
     assert writer.read_line().startswith("OK ")
+    (tmp_path / "slow").unlink()
     return stats["inflight"], acked_already
 
 
@@ -357,21 +373,9 @@ def test_a_slow_fsync_holds_up_other_clients_only_in_the_reactor(
     another client is answered at once with --sync thread -- the MSG still in flight and
     not yet acked -- while with --sync reactor the reactor waits for the sync: STATS is
     answered after the MSG's ack, with nothing in flight.  The MSG is acked in both."""
-    server = _slow_disk_server(tmp_path, shim, "--sync", mode)
-    try:
-        writer, probe = server.connect(), server.connect()
-        assert writer.request("AUTH alice") == "OK alice"
-        assert probe.request("AUTH bob") == "OK bob"
-        (tmp_path / "slow").touch()
+    with _slow_disk(tmp_path, shim, "--sync", mode) as (writer, probe):
         seen = _stats_during_a_slow_sync(tmp_path, writer, probe)
         assert seen == (("1", False) if answered_during_sync else ("0", True))
-        (tmp_path / "slow").unlink()
-        writer.close()
-        probe.close()
-        assert server.stop() == 0
-    finally:
-        if server.process.poll() is None:
-            server.kill()
 
 
 def test_auto_sync_moves_to_the_thread_once_the_disk_is_slow(tmp_path, shim):
@@ -379,26 +383,12 @@ def test_auto_sync_moves_to_the_thread_once_the_disk_is_slow(tmp_path, shim):
     fdatasync, which held up the reactor, the next is made in the thread (STATS answered
     during it); once the disk is quick again, a few syncs bring the average down and the
     reactor syncs again."""
-    server = _slow_disk_server(tmp_path, shim)
-    try:
-        writer, probe = server.connect(), server.connect()
-        assert writer.request("AUTH alice") == "OK alice"
-        assert probe.request("AUTH bob") == "OK bob"
+    with _slow_disk(tmp_path, shim) as (writer, probe):
         assert writer.request("MSG quick").startswith("OK ")
-        (tmp_path / "slow").touch()
         assert _stats_during_a_slow_sync(tmp_path, writer, probe) == ("0", True)
         assert _stats_during_a_slow_sync(tmp_path, writer, probe) == ("1", False)
-        (tmp_path / "slow").unlink()
         # An average of two 1.5 s syncs, a fifth of each new one's weight: 40 quick
         # syncs bring it from about 0.5 s to under 2 ms.
         for i in range(40):
             assert writer.request(f"MSG quick {i}").startswith("OK ")
-        (tmp_path / "slow").touch()
         assert _stats_during_a_slow_sync(tmp_path, writer, probe) == ("0", True)
-        (tmp_path / "slow").unlink()
-        writer.close()
-        probe.close()
-        assert server.stop() == 0
-    finally:
-        if server.process.poll() is None:
-            server.kill()
