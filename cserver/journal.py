@@ -504,12 +504,12 @@ class AutoSyncer:
         self.slow = slow
         self.average = 0.0
         self._timer = timer
+        self._inline = InlineSyncer()
         self._thread = SyncThread(call_from_thread)
 
     def bind(self, sync, durable, failed):
         self._sync = sync
-        self._durable = durable
-        self._failed = failed
+        self._inline.bind(self._timed_sync, durable, failed)
         self._thread.bind(self._timed_sync, durable, failed)
 
     def _timed_sync(self):
@@ -526,15 +526,7 @@ class AutoSyncer:
         return self.average > self.slow or self._thread.busy()
 
     def request(self, seq):
-        if self.in_thread():
-            self._thread.request(seq)
-            return
-        try:
-            self._timed_sync()
-        except OSError as e:
-            self._failed(seq, e)
-            return
-        self._durable(seq)
+        (self._thread if self.in_thread() else self._inline).request(seq)
 
     def stop(self):
         self._thread.stop()
