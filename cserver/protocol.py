@@ -21,6 +21,9 @@ from cserver.auth import IUser, credentials_for
 MAX_AUTH_FAILURES = 3
 
 _GREETING = b"HELLO cserver %s\r\n" % (__version__.encode("ascii"),)
+#: A connection's reply queue before its first MSG: empty, like the deque
+#: that replaces it.
+_NO_QUEUE = ()
 
 
 class _Reply:
@@ -83,9 +86,10 @@ class CServerProtocol(LineReceiver):
     _writes_paused = False
     _auth_failures = 0
     connected_at = 0.0
-
-    def __init__(self):
-        self._queue = deque()
+    #: Replies in request order, once one has had to wait: a deque, made by
+    #: the first MSG (an empty deque is 760 bytes, and a connection held
+    #: open without a MSG never needs one).
+    _queue = _NO_QUEUE
 
     # -- connection ---------------------------------------------------------
 
@@ -229,7 +233,10 @@ class CServerProtocol(LineReceiver):
             self._reply(b"ERR syntax MSG needs a text\r\n")
             return
         reply = _Reply(self)
-        self._queue.append(reply)
+        queue = self._queue
+        if queue is _NO_QUEUE:
+            queue = self._queue = deque()
+        queue.append(reply)
         self.inflight += 1
         factory = self.factory
         factory.submit_message(self, text, reply)

@@ -1,6 +1,7 @@
 """Tests for cserver.protocol: every line of protocol v1, without sockets."""
 
 import errno
+from collections import deque
 
 import pytest
 from twisted.cred import strcred
@@ -502,3 +503,19 @@ def test_old_failures_are_forgotten_by_the_sweep():
         factory.clock.advance(1)
     assert not factory._failures_by_host
     factory.stopFactory()
+
+
+def test_a_connection_holds_no_reply_queue_until_its_first_msg(factory):
+    """An authenticated connection that has sent no MSG (the 10,000 held open) has no deque
+    of its own; the first MSG makes one, which then stays for the connection's later MSGs."""
+    protocol, transport = connect(factory)
+    send(protocol, "AUTH alice", "STATS")
+    assert not isinstance(protocol._queue, deque)
+    send(protocol, "MSG one")
+    queue = protocol._queue
+    assert isinstance(queue, deque)
+    factory.clock.advance(0)
+    send(protocol, "MSG two")
+    assert protocol._queue is queue
+    factory.clock.advance(0)
+    assert replies(transport)[-2:] == ["OK 1", "OK 2"]
