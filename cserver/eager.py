@@ -10,7 +10,10 @@ watch the socket for writing, one more event out of ``epoll_wait``, a
 ``send`` itself.  :class:`EagerServer` tries the ``send`` at once; whatever
 the socket does not take (a full send buffer, an error) goes the usual way,
 so order, flow control (a streaming producer is still paused when the
-queue grows) and error handling are Twisted's own.
+queue grows) and error handling are Twisted's own.  So does every write
+while a pull producer is registered (only a drained queue asks it for
+more), after ``loseConnection()`` or ``abortConnection()``, and under
+``startTLS()``.
 
 :func:`eager_writes` gives a listening TCP port's new connections this
 transport.  ``twistd cserver`` does so unless ``--writes queued``.
@@ -33,9 +36,11 @@ class EagerServer(tcp.Server):
             or len(data) > self.SEND_LIMIT
             or not self.connected
             or self.disconnecting
+            or self._aborting
             or self._writeDisconnecting
             or self._writeDisconnected
             or self.TLS
+            or (self.producer is not None and not self.streamingProducer)
         ):
             tcp.Server.write(self, data)
             return

@@ -2,6 +2,7 @@
 what still goes through Twisted's queue (a full socket, errors, TLS, UNIX
 sockets)."""
 
+import io
 import socket
 import struct
 
@@ -11,6 +12,7 @@ from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThread
+from twisted.protocols.basic import FileSender
 from zope.interface import implementer
 
 from cserver.eager import EagerServer, eager_writes
@@ -181,6 +183,35 @@ async def test_writes_after_lose_connection_reach_the_peer_before_the_close(list
     assert reason.type.__name__ == "ConnectionDone"
     assert read_exactly(client, 14) == b"OK bye\r\nlate\r\n"
     assert client.recv(10) == b""
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("eager", [True, False])
+async def test_a_pull_producer_is_asked_for_more_until_it_is_done(listening, eager):
+    """A pull (non-streaming) producer such as FileSender is asked for more only when the queue
+    drains, so its writes go through the queue: the whole file arrives, eager or not."""
+    client, server, factory = await listening(eager=eager)
+    data = bytes(range(256)) * 800  # 200 KiB, in FileSender's 64 KiB chunks
+    done = FileSender().beginFileTransfer(io.BytesIO(data), server.transport)
+    done.addCallback(lambda _: server.transport.loseConnection())
+    received = await deferToThread(read_exactly, client, len(data))
+    await factory.lost
+    assert received == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_goes_out_after_abort_connection(listening):
+    """After abortConnection() a write is dropped, as Twisted's transport drops it: the peer
+    gets a reset and none of the bytes."""
+    client, server, factory = await listening()
+    server.transport.abortConnection()
+    server.transport.write(b"after the abort\r\n")
+    await factory.lost
+    try:
+        received = client.recv(100)
+    except ConnectionResetError:
+        received = b""
+    assert received == b""
 
 
 def test_text_is_refused_as_by_twisted():
