@@ -432,7 +432,6 @@ class SyncThread:
         self._call_from_thread = call_from_thread
         self._condition = threading.Condition()
         self._wanted = 0
-        self._done = 0
         self._stopping = False
         self._thread = None
 
@@ -457,19 +456,13 @@ class SyncThread:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(10)
 
-    def busy(self):
-        """
-        Whether a sync is running or requested.
-        """
-        with self._condition:
-            return self._wanted != self._done
-
     def _run(self):
+        done = 0
         while True:
             with self._condition:
-                while self._wanted == self._done and not self._stopping:
+                while self._wanted == done and not self._stopping:
                     self._condition.wait()
-                if self._wanted == self._done:
+                if self._wanted == done:
                     return
                 target = self._wanted
             try:
@@ -477,8 +470,7 @@ class SyncThread:
             except BaseException as e:  # reported, and the journal refuses from now on
                 self._call_from_thread(self._failed, target, e)
                 return
-            with self._condition:
-                self._done = target
+            done = target
             self._call_from_thread(self._durable, target)
 
 
@@ -492,9 +484,11 @@ class AutoSyncer:
     the reactor serves nobody while it waits, so on a slow disk the thread
     is faster, and keeps other clients served.  Each sync's duration feeds a
     moving average (weight 1/5 for the newest); a request goes to the thread
-    while that average is over ``slow`` seconds, or while the thread still
-    has a sync running or requested -- so the two never sync at once, and a
-    reopen's swap of the file never races a sync.
+    while that average is over ``slow`` seconds, or while the reactor has not
+    yet heard the thread report on everything asked of it.  So the two never
+    sync at once, a reopen's swap of the file never races a sync, and the
+    journal hears of every batch in order: an inline sync that failed could
+    otherwise refuse a batch that the thread had already synced.
 
     @param call_from_thread: ``reactor.callFromThread``.
     @param timer: seconds, for timing each sync.
@@ -506,11 +500,19 @@ class AutoSyncer:
         self._timer = timer
         self._inline = InlineSyncer()
         self._thread = SyncThread(call_from_thread)
+        # The last seq asked of the thread, and the last it reported durable.
+        self._asked = 0
+        self._reported = 0
 
     def bind(self, sync, durable, failed):
         self._sync = sync
+        self._durable = durable
         self._inline.bind(self._timed_sync, durable, failed)
-        self._thread.bind(self._timed_sync, durable, failed)
+        self._thread.bind(self._timed_sync, self._thread_durable, failed)
+
+    def _thread_durable(self, seq):
+        self._reported = max(self._reported, seq)
+        self._durable(seq)
 
     def _timed_sync(self):
         start = self._timer()
@@ -523,10 +525,14 @@ class AutoSyncer:
         """
         Whether the next request goes to the thread.
         """
-        return self.average > self.slow or self._thread.busy()
+        return self.average > self.slow or self._reported < self._asked
 
     def request(self, seq):
-        (self._thread if self.in_thread() else self._inline).request(seq)
+        if self.in_thread():
+            self._asked = seq
+            self._thread.request(seq)
+        else:
+            self._inline.request(seq)
 
     def stop(self):
         self._thread.stop()

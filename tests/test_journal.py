@@ -977,8 +977,8 @@ def test_auto_syncer_moves_slow_syncs_to_the_thread_and_back(open_journal, clock
 
 
 def test_auto_syncer_keeps_to_the_thread_while_it_is_busy(open_journal, clock):
-    """While the thread has a sync running or requested, a request goes to it even when the
-    average is quick again: the two never sync at once."""
+    """While the thread has a sync running, a request goes to it even when the average is
+    quick again: the two never sync at once."""
     journal, syncer, timer, reports = _auto(open_journal)
     syncer.average = 1.0
     acks = Acks()
@@ -988,13 +988,35 @@ def test_auto_syncer_keeps_to_the_thread_while_it_is_busy(open_journal, clock):
     message(journal, acks)
     clock.advance(0)
     syncer.average = 0.0
-    assert syncer._thread.busy() and syncer.in_thread()
+    assert syncer.in_thread()
     message(journal, acks)
     clock.advance(0)
     assert acks.seqs == []
     gate.set()
     _pump(reports, acks, [1, 2])
-    assert not syncer._thread.busy()
+    assert not syncer.in_thread()
+
+
+def test_auto_syncer_keeps_to_the_thread_until_its_report_is_heard(open_journal, clock):
+    """A sync the thread has finished but the reactor has not yet heard of still keeps
+    requests on the thread: an inline sync failing then would refuse a batch that is on
+    disk.  Here the next sync fails: the first MSG is acked, only the second refused."""
+    journal, syncer, timer, reports = _auto(open_journal)
+    syncer.average = 1.0
+    acks = Acks()
+    message(journal, acks, text="synced by the thread")
+    clock.advance(0)
+    durable = reports.get(timeout=10)  # done in the thread, not yet run in the reactor
+    syncer.average = 0.0
+    assert syncer.in_thread()
+    journal._os_fdatasync = lambda fd: _raise(OSError(errno.EIO, "Input/output error"))
+    message(journal, acks, text="refused")
+    clock.advance(0)
+    failed = reports.get(timeout=10)
+    for f, args in (durable, failed):
+        f(*args)
+    assert acks.seqs == [1, None]
+    assert [r["text"] for r in read_records(journal.path)] == ["synced by the thread"]
 
 
 def test_auto_syncer_reports_a_failed_sync_in_the_calling_thread(open_journal, clock):
