@@ -345,9 +345,10 @@ def make_service(config, reactor):
     shared memory, make the sockets.  Exits with a message when the journal
     is damaged or the port cannot be bound.
     """
-    from cserver.journal import SharedFileJournal, SyncThread
+    from cserver.journal import SharedFileJournal
     from cserver.recovery import JournalDamaged
     from cserver.shared import Shared
+    from cserver.tap import make_syncer
 
     count = config["workers"]
     family, host, port, backlog = parse_tcp(config["port"])
@@ -357,7 +358,7 @@ def make_service(config, reactor):
         recovery = SharedFileJournal.prepare(path, shared)
         journal = SharedFileJournal.open(
             path, reactor, shared, fsync=config["fsync"],
-            syncer=SyncThread(reactor.callFromThread),
+            syncer=make_syncer(config["sync"], reactor),
         )
     except JournalDamaged as e:
         raise SystemExit(f"cserver: {e}") from None
