@@ -1,6 +1,6 @@
 """Tests for cserver.eager: writes sent at once over real loopback TCP, and
-what still goes through Twisted's queue (a full socket, errors, TLS, UNIX
-sockets)."""
+what still goes through Twisted's queue (a full socket, errors, a closing or
+aborted connection, TLS, a pull producer) or is left alone (UNIX sockets)."""
 
 import io
 import socket
@@ -44,6 +44,8 @@ class AcceptOne(protocol.ServerFactory):
 
 @implementer(IPushProducer)
 class Producer:
+    """A streaming producer that counts how often it is paused."""
+
     paused = 0
 
     def pauseProducing(self):
