@@ -29,7 +29,7 @@ from cserver.shared import Shared
 from cserver.tap import Options, makeService
 
 from .common import connect, make_factory, replies, send
-from .server_process import ServerProcess, twistd_command
+from .server_process import twistd_command
 
 _METRICS_ON = re.compile(r"metrics on tcp:127\.0\.0\.1:(\d+)")
 
@@ -250,19 +250,12 @@ def scrape(port):
 
 
 @pytest.fixture
-def server(tmp_path):
-    processes = []
-
-    def start(*args):
-        process = ServerProcess(tmp_path, "--users", "alice,bob",
-                                "--metrics", "tcp:0:interface=127.0.0.1", *args)
-        processes.append(process)
-        return process.start()
-
-    yield start
-    for process in processes:
-        if process.process.poll() is None:
-            process.kill()
+def server(server):
+    """
+    The real servers of conftest's ``server``, each serving ``--metrics`` on
+    a free loopback port.
+    """
+    return lambda *args: server("--metrics", "tcp:0:interface=127.0.0.1", *args)
 
 
 def test_twistd_serves_metrics_that_count_real_traffic(server):
