@@ -82,22 +82,23 @@ static int forward(const char *name, int fd)
     return real(fd);
 }
 
-int fdatasync(int fd)
+/* The call named ``name``: failing while triggered, slow while set so. */
+static int shimmed(const char *name, int fd)
 {
     if (triggered()) {
         errno = EIO;
         return -1;
     }
     maybe_slow();
-    return forward("fdatasync", fd);
+    return forward(name, fd);
+}
+
+int fdatasync(int fd)
+{
+    return shimmed("fdatasync", fd);
 }
 
 int fsync(int fd)
 {
-    if (triggered()) {
-        errno = EIO;
-        return -1;
-    }
-    maybe_slow();
-    return forward("fsync", fd);
+    return shimmed("fsync", fd);
 }
