@@ -276,6 +276,22 @@ def run_bench(port, user, options, timeout):
     return report
 
 
+def results(args, measure):
+    """
+    The results of a benchmark: read from ``args.from_results`` (a JSON file
+    an earlier run saved; nothing is measured), else ``measure(args)``, saved
+    to ``args.results`` when that is set.
+    """
+    if args.from_results:
+        with open(args.from_results) as f:
+            return json.load(f)
+    measured = measure(args)
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump(measured, f, indent=1)
+    return measured
+
+
 def reproducing(argv, output_options):
     """``argv`` without the ``output_options`` (and their values): what reruns the measurement."""
     kept, skip = [], False

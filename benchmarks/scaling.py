@@ -34,7 +34,6 @@ The client runs on the same machine as the server and shares its CPUs.
 
 import argparse
 import getpass
-import json
 import math
 import os
 import statistics
@@ -373,14 +372,7 @@ def svg(results, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.from_results:
-        with open(args.from_results) as f:
-            results = json.load(f)
-    else:
-        results = measure(args)
-        if args.results:
-            with open(args.results, "w") as f:
-                json.dump(results, f, indent=1)
+    results = _servers.results(args, measure)
     rows = summarize(results)
     print(f"scaling: {results['machine']}, {results['date']}; closed loop, pipeline "
           f"{results['pipeline']}, at least {results['total']:,} MSGs per point, "

@@ -39,7 +39,6 @@ status 1 when a run failed or a row missed what it should show.
 
 import argparse
 import getpass
-import json
 import platform
 import statistics
 import sys
@@ -281,16 +280,9 @@ def rst_table(summaries):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.from_results:
-        with open(args.from_results) as f:
-            results = json.load(f)
-        if args.only:
-            results["rows"] = [r for r in results["rows"] if r["number"] in args.only]
-    else:
-        results = measure(args)
-        if args.results:
-            with open(args.results, "w") as f:
-                json.dump(results, f, indent=1)
+    results = _servers.results(args, measure)
+    if args.from_results and args.only:
+        results["rows"] = [r for r in results["rows"] if r["number"] in args.only]
     summaries = summarize(results)
     runs = f"median of {results['runs']} runs" if results["runs"] > 1 else "one run"
     print(f"scenarios: {results['machine']}, Python {results['python']}, {results['date']}; "
