@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel
 from zope.interface import Attribute, Interface, implementer
 
-from cserver.recovery import Recovery, fsync_directory, recover
+from cserver.recovery import Recovery, create_durably, fsync_directory, recover
 
 FSYNC_MODES = ("always", "interval", "never")
 
@@ -612,14 +612,10 @@ class FileJournal(_BatchingJournal):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         recovery = recover(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            if recovery.created:
-                os.fsync(fd)
-                fsync_directory(path)
-        except BaseException:
-            os.close(fd)
-            raise
+        if recovery.created:
+            fd = create_durably(path, os.O_WRONLY | os.O_APPEND)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         return cls(path, fd, recovery, clock, fsync=fsync, sync_interval=sync_interval,
                    syncer=syncer)
 
@@ -721,22 +717,22 @@ class FileJournal(_BatchingJournal):
         Create the next file at the path, durably; return its fd and whether
         it was created (rather than found empty).
         """
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_APPEND
         try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-            created = True
+            return create_durably(self.path, flags), True
         except FileExistsError:
-            fd = os.open(self.path, flags)
-            created = False
+            pass
+        # An empty file left there (logrotate's "create") is taken as it is.
+        fd = os.open(self.path, flags | os.O_CLOEXEC)
         try:
-            if not created and os.fstat(fd).st_size:
+            if os.fstat(fd).st_size:
                 raise OSError(errno.EEXIST, f"{self.path} exists and is not empty")
             os.fsync(fd)
             fsync_directory(self.path)
         except BaseException:
-            self._discard_next(fd, created)
+            self._discard_next(fd, False)
             raise
-        return fd, created
+        return fd, False
 
     def _discard_next(self, fd, created):
         os.close(fd)
@@ -964,12 +960,7 @@ class SharedFileJournal(FileJournal):
         """
         recovery = recover(path)
         if recovery.created:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_directory(path)
+            os.close(create_durably(path, os.O_WRONLY))
         header = shared.header
         header.busy = 0
         header.commit_seq = 0

@@ -241,7 +241,7 @@ def _cut_tail(path, offset, tail):
     while os.path.exists(side):
         n += 1
         side = f"{path}.torn-{offset}.{n}"
-    fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = create_private(side, os.O_WRONLY)
     try:
         view = memoryview(tail)
         while view:
@@ -268,3 +268,42 @@ def fsync_directory(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: The mode of every file the server creates: the journal, the files a
+#: reopen starts, torn-tail side files and the lock hold every message and
+#: peer address, so only the server's own account may read them.
+FILE_MODE = 0o600
+
+
+def create_private(path, flags):
+    """
+    Create the file ``path`` (it must not exist) with mode 0600 whatever the
+    umask, open with ``flags``; return its descriptor.
+    """
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_durably(path, flags):
+    """
+    :func:`create_private`, then make the new file and its directory entry
+    durable; if that fails, the file is removed again.
+    """
+    fd = create_private(path, flags)
+    try:
+        os.fsync(fd)
+        fsync_directory(path)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    return fd
