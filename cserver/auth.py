@@ -19,6 +19,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 
@@ -163,15 +164,74 @@ def immediate_checker(portal):
 
 def password_portal(checkers):
     """
-    A portal over ``--auth`` password checkers; the stock ones are wrapped in
-    :class:`TextOrBytesChecker`, checkers that take either already
-    (``accepts_text_or_bytes``, like cserver's ``hashfile:``) are not --
-    wrapping would check a wrong password twice.
+    A portal over ``--auth`` password checkers: a user is in when any of
+    them accepts (:class:`AnyChecker`; ``--auth`` may be given more than
+    once).  The stock ones are wrapped in :class:`TextOrBytesChecker`;
+    checkers that take either already (``accepts_text_or_bytes``, like
+    cserver's ``hashfile:``) are not -- wrapping would check a wrong
+    password twice.
     """
-    return Portal(UserRealm(), [
+    wrapped = [
         c if getattr(c, "accepts_text_or_bytes", False) else TextOrBytesChecker(c)
         for c in checkers
-    ])
+    ]
+    checker = wrapped[0] if len(wrapped) == 1 else AnyChecker(wrapped)
+    return Portal(UserRealm(), [checker])
+
+
+@implementer(ICredentialsChecker)
+@attrs.frozen
+class AnyChecker:
+    """
+    Ask each checker in turn; the first that accepts the credentials wins.
+
+    A Portal keeps one checker per credentials interface, so several
+    ``--auth`` checkers registered one by one would leave only the last.
+    A checker failing with anything but ``UnauthorizedLogin`` (an
+    unreadable file...) does not stop the others; if none accepts, the
+    first such failure is the result, else ``UnauthorizedLogin``.
+    """
+
+    checkers: tuple = attrs.field(converter=tuple)
+    credentialInterfaces = (IUsernamePassword,)
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials):
+        unexpected = None
+        for checker in self.checkers:
+            try:
+                avatar_id = yield checker.requestAvatarId(credentials)
+            except error.UnauthorizedLogin:
+                continue
+            except Exception:
+                unexpected = unexpected or Failure()
+                continue
+            return avatar_id
+        if unexpected is not None:
+            unexpected.raiseException()
+        raise error.UnauthorizedLogin("no checker accepts these credentials")
+
+
+def describe_checkers(descriptions, users):
+    """
+    How AUTH is checked, for the log at start: the ``--auth`` checkers
+    (each one's type, and its file or its user names -- never a password),
+    or else the allow-list of ``--users``.
+    """
+    if not descriptions:
+        return f"AUTH <user> for the names in --users: {', '.join(users)} (no password)"
+    parts = []
+    for description in descriptions:
+        kind, _, argument = description.partition(":")
+        if kind == "memory":
+            names = argument.split(":")[::2]
+            parts.append(f"memory (users {', '.join(names)})")
+        elif kind in ("file", "hashfile"):
+            parts.append(f"{kind} {argument}")
+        else:
+            parts.append(kind)
+    return ("AUTH <user> <password>, accepted when any of these accepts: "
+            + "; ".join(parts))
 
 
 def credentials_for(interfaces, user, password):

@@ -28,6 +28,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from cserver.endpoints import describe_address
+
 #: Upper bounds, in seconds, of the fsync latency histogram's buckets.
 FSYNC_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -232,17 +234,30 @@ class MetricsService(Service):
         self.site = site
         self.port = None
 
-    def startService(self):
-        super().startService()
+    def listen(self):
+        """
+        Listen now, before the service starts (see
+        :meth:`cserver.service.CServerService.listen`).
+
+        @raise Exception: what the endpoint's ``listen`` failed with.
+        """
         failures = []
         self.endpoint.listen(self.site).addCallbacks(self._listened, failures.append)
         if failures:
-            self.running = False
             failures[0].raiseException()
+
+    def startService(self):
+        super().startService()
+        if self.port is None:
+            try:
+                self.listen()
+            except BaseException:
+                self.running = False
+                raise
+        self.log.info("metrics on {address}", address=describe_address(self.port.getHost()))
 
     def _listened(self, port):
         self.port = port
-        self.log.info("metrics on {address}", address=describe_address(port.getHost()))
 
     def stopService(self):
         super().stopService()
@@ -250,13 +265,3 @@ class MetricsService(Service):
         if port is not None:
             return port.stopListening()
         return None
-
-
-def describe_address(address):
-    """
-    ``tcp:HOST:PORT`` (``tcp6:``, ``unix:PATH``) of a listening address.
-    """
-    host = getattr(address, "host", None)
-    if host is None:
-        return f"unix:{getattr(address, 'name', '?')}"
-    return f"{address.type.lower()}:{host}:{address.port}"

@@ -1,8 +1,10 @@
 """The server as a twisted.application service: start and stop in order.
 
-Start: journal the ``start`` record, then listen.  Stop (SIGTERM, SIGINT):
-stop listening, answer every MSG in flight, journal the ``stop`` record,
-close the journal.
+Start: listen (``twistd cserver`` has it listen before it daemonizes, see
+:meth:`CServerService.listen`), journal the ``start`` record; no connection
+is served before the reactor runs, so the ``start`` record comes first.
+Stop (SIGTERM, SIGINT): stop listening, answer every MSG in flight, journal
+the ``stop`` record, close the journal, let go of the journal's lock.
 Under systemd (``Type=notify``), ``READY=1`` goes out once the ``start``
 record is durable and the port is listening, ``WATCHDOG=1`` while running,
 ``STOPPING=1`` when the stop begins (see :mod:`cserver.notify`).
@@ -18,6 +20,7 @@ from twisted.logger import Logger
 
 from cserver import __version__
 from cserver.eager import eager_writes
+from cserver.endpoints import describe_address
 from cserver.notify import Notifier
 
 
@@ -33,23 +36,55 @@ class CServerService(Service):
         this process's environment: silent unless ``$NOTIFY_SOCKET`` is set).
     @ivar eager: give a TCP port's connections eager writes
         (:mod:`cserver.eager`).
+    @ivar lock: the journal's :class:`cserver.lock.JournalLock`, released
+        once the journal is closed at stop, or None.
+    @ivar auth: how AUTH is checked, for the log at start, or None.
     """
 
     log = Logger()
 
     def __init__(self, factory, endpoint, reactor, exit_cleanly=False, notifier=None,
-                 eager=False):
+                 eager=False, lock=None, auth=None):
         self.factory = factory
         self.eager = eager
+        self.lock = lock
+        self.auth = auth
         self.notifier = Notifier() if notifier is None else notifier
         self.endpoint = endpoint
         self.reactor = reactor
         self.exit_cleanly = exit_cleanly
         self.port = None
         self._listening = None
+        self._announced = False
+
+    def listen(self):
+        """
+        Listen on the endpoint now, before the service starts (``twistd
+        cserver`` does so before it daemonizes, so that a port that cannot
+        be had is reported where the server was started).
+
+        @raise Exception: what the endpoint's ``listen`` failed with, when
+            it fails at once.
+        """
+        failures = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, failures.append)
+        if failures:
+            self._listening = None
+            failures[0].raiseException()
+
+    def abandon(self):
+        """
+        Give up a service that will not be started: stop listening.
+        """
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
 
     def startService(self):
         super().startService()
+        if self.lock is not None:
+            self.lock.write_pid()  # twistd forks to daemonize after makeService
         journal = self.factory.journal
         recovery = journal.recovery
         if recovery.torn_bytes:
@@ -59,13 +94,13 @@ class CServerService(Service):
                 count=recovery.torn_bytes,
                 side=recovery.torn_path,
             )
+        if self._listening is None:
+            try:
+                self.listen()
+            except BaseException:
+                self.running = False
+                raise
         started = self.factory.record_start()
-        self._listening = self.endpoint.listen(self.factory)
-        failures = []
-        self._listening.addCallbacks(self._listened, failures.append)
-        if failures:
-            self.running = False
-            failures[0].raiseException()
         # The Deferreds keep their own results (and errors): this only watches.
         defer.DeferredList([started, self._listening]).addCallback(self._ready)
         started.addErrback(log_start_not_journaled, self.log)
@@ -73,29 +108,50 @@ class CServerService(Service):
         if self.exit_cleanly:
             self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log,
                                          hangup=self.reopen_journal)
+            # Once the signals are ours: a SIGHUP after this line reopens.
+            self.reactor.callWhenRunning(self._log_listening)
+        else:
+            self._log_listening()
 
     def _listened(self, port):
         self.port = port
         if self.eager:
             eager_writes(port)
+        half_closeable_tls(port)
+        if self.running:
+            self._log_listening()
+        return port
+
+    def _log_listening(self):
+        if self.port is None or self._announced:
+            return
+        self._announced = True
         journal = self.factory.journal
         self.log.info(
             "cserver {version} listening on {address}; journal {path} "
             "({records} records, last seq {seq})",
             version=__version__,
-            address=_describe_address(port.getHost()),
+            address=self.address(),
             path=getattr(journal, "path", "-"),
             records=journal.recovery.records,
             seq=journal.recovery.last_seq,
         )
-        return port
+        if self.auth:
+            self.log.info("{auth}", auth=self.auth)
+
+    def address(self):
+        """
+        Where the service listens: ``tcp:HOST:PORT``, ``ssl:HOST:PORT``,
+        ``unix:PATH``.
+        """
+        return describe_address(self.port.getHost(), tls=is_tls(self.endpoint))
 
     def _ready(self, results):
         if not self.running or self.port is None or not all(ok for ok, _ in results):
             return
         journal = self.factory.journal
         self.notifier.ready(
-            f"listening on {_describe_address(self.port.getHost())}; "
+            f"listening on {self.address()}; "
             f"{journal.recovery.records} records in the journal"
         )
 
@@ -137,6 +193,8 @@ class CServerService(Service):
         except OSError as e:
             self.log.error("could not journal the stop record: {error}", error=e)
         self.factory.journal.close()
+        if self.lock is not None:
+            self.lock.release()
         self.log.info(
             "cserver stopped: served {served}, total {total}",
             served=self.factory.served,
@@ -189,8 +247,20 @@ def stop_cleanly_on_signals(reactor, log, hangup=None):
     signal.signal(signal.SIGHUP, ignore_hangup if hangup is None else reopen_on_hangup)
 
 
-def _describe_address(address):
-    host = getattr(address, "host", None)
-    if host is None:
-        return f"unix:{getattr(address, 'name', '?')}"
-    return f"{address.type.lower()}:{host}:{address.port}"
+def is_tls(endpoint):
+    """
+    Whether ``endpoint`` listens with TLS (``ssl:``).
+    """
+    return type(endpoint).__name__ == "SSL4ServerEndpoint"
+
+
+def half_closeable_tls(port):
+    """
+    Let the TLS connections of ``port`` be half-closed (see :mod:`cserver.tls`);
+    nothing for other ports or without the TLS libraries.
+    """
+    try:
+        from cserver.tls import half_closeable_tls as make_half_closeable
+    except ImportError:
+        return False
+    return make_half_closeable(port)

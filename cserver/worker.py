@@ -6,7 +6,9 @@ Only :mod:`cserver.workers` (the parent) starts it, with these descriptors:
   parent is gone, and the worker stops;
 - 1, 2: pipes to the parent, which logs what the worker prints;
 - 3: the listening socket, adopted with ``adoptStreamPort``;
-- 4: the shared memory (:class:`cserver.shared.Shared`).
+- 4: the shared memory (:class:`cserver.shared.Shared`);
+- 5: the journal's lock file (:mod:`cserver.lock`), held open, and with it
+  the lock, for as long as the worker lives.
 
 The worker runs the single-process server's factory and protocol over the
 shared journal; it writes no ``start`` or ``stop`` record (the parent does).
@@ -21,6 +23,7 @@ import sys
 import time
 
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger, formatEvent
 from zope.interface import implementer
@@ -146,6 +149,7 @@ class Worker:
         self.eager = eager
         self.port = None
         self._publisher = None
+        self._stopping = False
 
     def start(self):
         from twisted.internet.task import LoopingCall
@@ -163,11 +167,22 @@ class Worker:
                       pid=os.getpid())
 
     def _parent_gone(self):
+        """
+        The parent exited.  When this worker is stopping already (the
+        parent's SIGTERM, a clean stop), that is expected and changes
+        nothing; otherwise the parent died: stop.
+        """
+        if self._stopping:
+            return
         self.log.warn("the parent is gone: stopping")
-        self.reactor.stop()
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass
 
     @defer.inlineCallbacks
     def stop(self):
+        self._stopping = True
         self.reactor.callLater(STOP_DEADLINE, os._exit, 1)
         if self._publisher is not None and self._publisher.running:
             self._publisher.stop()
@@ -175,6 +190,7 @@ class Worker:
             yield self.port.stopListening()
         yield self.factory.drain()
         yield self.factory.close_connections()
+        self.factory.journal_auth_refusals()
         self.factory.publish()
         self.factory.journal.close()
         self.log.info("worker {index} stopped: served {served}", index=self.factory.index,

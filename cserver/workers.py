@@ -12,7 +12,6 @@ listening), ``WATCHDOG=1`` and ``STOPPING=1``.  See docs/workers-design.rst.
 """
 
 import os
-import re
 import socket
 import sys
 
@@ -23,6 +22,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from cserver import __version__
+from cserver.endpoints import parse_tcp
 from cserver.notify import Notifier
 from cserver.service import log_start_not_journaled, stop_cleanly_on_signals
 
@@ -39,34 +39,6 @@ STOP_TIMEOUT = 25.0
 
 
 # -- the listening sockets ----------------------------------------------------------------
-
-def parse_tcp(description):
-    """
-    ``(family, host, port, backlog)`` of a ``tcp:`` or ``tcp6:`` server
-    endpoint description.
-
-    @raise ValueError: another kind of endpoint, or no port.
-    """
-    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
-    kind = parts[0]
-    if kind not in ("tcp", "tcp6"):
-        raise ValueError(f"--workers needs a tcp: or tcp6: --port, not {kind}:")
-    positional, keywords = [], {}
-    for part in parts[1:]:
-        key, equals, value = part.partition("=")
-        if equals:
-            keywords[key] = value
-        else:
-            positional.append(part)
-    names = ("port", "backlog", "interface")
-    for name, value in zip(names, positional, strict=False):
-        keywords.setdefault(name, value)
-    if "port" not in keywords:
-        raise ValueError(f"no port in {description!r}")
-    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
-    host = keywords.get("interface") or ("::" if kind == "tcp6" else "0.0.0.0")
-    return family, host, int(keywords["port"]), int(keywords.get("backlog", 50))
-
 
 def reuseport_sockets(family, host, port, backlog, count):
     """
@@ -146,7 +118,7 @@ class WorkerSupervisor(Service):
 
     def __init__(self, reactor, shared, journal, recovery, sockets, worker_argv,
                  exit_cleanly=False, notifier=None, restart_delay=RESTART_DELAY,
-                 max_restart_delay=MAX_RESTART_DELAY):
+                 max_restart_delay=MAX_RESTART_DELAY, lock=None, auth=None):
         from cserver.journal import JournalLogger
 
         self.notifier = Notifier() if notifier is None else notifier
@@ -160,6 +132,8 @@ class WorkerSupervisor(Service):
         self.exit_cleanly = exit_cleanly
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
+        self.lock = lock
+        self.auth = auth
         self.count = len(sockets)
         self.processes = [None] * self.count
         self._delays = [0.0] * self.count
@@ -172,6 +146,8 @@ class WorkerSupervisor(Service):
         from twisted.internet.task import LoopingCall
 
         super().startService()
+        if self.lock is not None:
+            self.lock.write_pid()  # twistd forks to daemonize after makeService
         recovery = self.recovery
         if recovery.torn_bytes:
             self.log.warn(
@@ -183,6 +159,19 @@ class WorkerSupervisor(Service):
         started.addCallbacks(self._ready, log_start_not_journaled, errbackArgs=(self.log,))
         for index in range(self.count):
             self._spawn(index)
+        self._totals = LoopingCall(self.log_totals)
+        self._totals.clock = self.reactor
+        self._totals.start(TOTALS_INTERVAL, now=False)
+        self.notifier.start_watchdog(self.reactor)
+        if self.exit_cleanly:
+            self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log)
+            # Once the signals are ours.
+            self.reactor.callWhenRunning(self._log_listening)
+        else:
+            self._log_listening()
+
+    def _log_listening(self):
+        recovery = self.recovery
         host, port = self.sockets[0].getsockname()[:2]
         kind = "tcp6" if self.sockets[0].family == socket.AF_INET6 else "tcp"
         self.log.info(
@@ -191,12 +180,8 @@ class WorkerSupervisor(Service):
             version=__version__, kind=kind, host=host, port=port, count=self.count,
             path=self.journal.path, records=recovery.records, seq=recovery.last_seq,
         )
-        self._totals = LoopingCall(self.log_totals)
-        self._totals.clock = self.reactor
-        self._totals.start(TOTALS_INTERVAL, now=False)
-        self.notifier.start_watchdog(self.reactor)
-        if self.exit_cleanly:
-            self.reactor.callWhenRunning(stop_cleanly_on_signals, self.reactor, self.log)
+        if self.auth:
+            self.log.info("{auth}", auth=self.auth)
 
     def _ready(self, seq):
         # The sockets listen since make_service: a connection waits in the
@@ -220,10 +205,31 @@ class WorkerSupervisor(Service):
         self.processes[index] = process
         self.reactor.spawnProcess(
             process, sys.executable, argv, env=dict(os.environ),
-            childFDs={0: "w", 1: "r", 2: "r", 3: self.sockets[index].fileno(),
-                      4: self.shared.fd},
+            childFDs=self._child_fds(index),
         )
         self.log.info("worker {index} started, pid {pid}", index=index, pid=process.pid)
+
+    def _child_fds(self, index):
+        """
+        A worker's descriptors (see :mod:`cserver.worker`); it holds the
+        journal's lock too, so the lock outlives a parent killed while its
+        workers still answer their last MSGs.
+        """
+        fds = {0: "w", 1: "r", 2: "r", 3: self.sockets[index].fileno(), 4: self.shared.fd}
+        if self.lock is not None and self.lock.fd is not None:
+            fds[5] = self.lock.fd
+        return fds
+
+    def abandon(self):
+        """
+        Give up a supervisor that will not be started: close the sockets and
+        the journal, let go of the lock.
+        """
+        for sock in self.sockets:
+            sock.close()
+        self.journal.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def worker_ended(self, process, reason):
         index = process.index
@@ -305,6 +311,8 @@ class WorkerSupervisor(Service):
         except OSError as e:
             self.log.error("could not journal the stop record: {error}", error=e)
         self.journal.close()
+        if self.lock is not None:
+            self.lock.release()
         self.log.info("cserver stopped: served {served}, total {total}",
                       served=totals["served"], total=total)
 
@@ -341,35 +349,50 @@ def worker_arguments(config):
 
 def make_service(config, reactor):
     """
-    The parent's service for ``--workers N``: prepare the journal and the
-    shared memory, make the sockets.  Exits with a message when the journal
-    is damaged or the port cannot be bound.
+    The parent's service for ``--workers N``: take the journal's lock,
+    prepare the journal and the shared memory, make the sockets.  Exits with
+    one line, leaving nothing behind, when the journal is in use or damaged
+    or the port cannot be bound.
     """
+    from cserver.auth import describe_checkers
     from cserver.journal import SharedFileJournal
     from cserver.recovery import JournalDamaged
     from cserver.shared import Shared
-    from cserver.tap import make_syncer
+    from cserver.tap import describe_listen_error, make_syncer, take_journal_lock
 
     count = config["workers"]
     family, host, port, backlog = parse_tcp(config["port"])
-    shared = Shared.create(count)
     path = config["journal"]
+    lock = take_journal_lock(path)
     try:
-        recovery = SharedFileJournal.prepare(path, shared)
-        journal = SharedFileJournal.open(
-            path, reactor, shared, fsync=config["fsync"],
-            syncer=make_syncer(config["sync"], reactor),
-        )
-    except JournalDamaged as e:
-        raise SystemExit(f"cserver: {e}") from None
-    except OSError as e:
-        raise SystemExit(f"cserver: cannot open journal {path}: {e}") from None
-    try:
-        sockets = reuseport_sockets(family, host, port, backlog, count)
-    except OSError as e:
-        journal.close()
-        raise SystemExit(f"cserver: cannot listen on {config['port']}: {e}") from None
+        try:
+            sockets = reuseport_sockets(family, host, port, backlog, count)
+        except OSError as e:
+            raise SystemExit(f"cserver: cannot listen on {config['port']} (--port): "
+                             f"{describe_listen_error(e)}") from None
+        try:
+            shared = Shared.create(count)
+            recovery = SharedFileJournal.prepare(path, shared)
+            journal = SharedFileJournal.open(
+                path, reactor, shared, fsync=config["fsync"],
+                syncer=make_syncer(config["sync"], reactor),
+            )
+        except BaseException as e:
+            for sock in sockets:
+                sock.close()
+            if isinstance(e, JournalDamaged):
+                raise SystemExit(f"cserver: {e}") from None
+            if isinstance(e, OSError):
+                raise SystemExit(f"cserver: cannot open journal {path}: "
+                                 f"{e.strerror or e}") from None
+            raise
+    except BaseException:
+        lock.release()
+        raise
     return WorkerSupervisor(reactor, shared, journal, recovery, sockets,
                             worker_arguments(config), exit_cleanly=True,
                             restart_delay=config["restart-delay"],
-                            max_restart_delay=config["restart-max-delay"])
+                            max_restart_delay=config["restart-max-delay"], lock=lock,
+                            auth=describe_checkers(config.get("auth_descriptions"),
+                                                   config["user_list"]))
+

@@ -3,7 +3,7 @@ connections to it over StringTransport."""
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from cserver.auth import allow_list_portal
 from cserver.journal import MemoryJournal
@@ -48,3 +48,14 @@ def send(protocol, *lines, end=b"\n"):
     Deliver request lines to ``protocol`` in one chunk.
     """
     protocol.dataReceived(b"".join(line.encode("utf-8") + end for line in lines))
+
+
+class FakeReactor(MemoryReactorClock):
+    """
+    A MemoryReactorClock (ports recorded, never bound; a clock advanced by
+    hand) that also takes ``callFromThread``: the call runs at the next
+    ``advance``.
+    """
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.callLater(0, f, *args, **kwargs)

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-_LISTENING = re.compile(r"listening on tcp:127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"listening on (?:tcp|ssl):127\.0\.0\.1:(\d+)")
 
 
 def twistd_command():
@@ -23,17 +23,31 @@ def twistd_command():
     return [near] if os.path.exists(near) else [shutil.which("twistd") or "twistd"]
 
 
+def run_twistd(directory, *args, timeout=60, env=None):
+    """
+    ``twistd -n --pidfile= cserver ARGS`` in ``directory``, to its end: for a
+    start that must fail.  Returns the CompletedProcess (text output).
+    """
+    return subprocess.run(
+        twistd_command() + ["-n", "--pidfile=", "cserver", *args],
+        cwd=str(directory), capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **env} if env else None,
+    )
+
+
 class ServerProcess:
     """
     ``twistd -n cserver`` on a free loopback port, its journal in ``directory``;
-    ``env``: variables set for it over this process's environment.
+    ``env``: variables set for it over this process's environment; ``umask``:
+    the umask it starts with (default: this process's).
 
     @ivar output: every line the server printed so far.
     """
 
-    def __init__(self, directory, *args, journal=None, twistd=None, env=None):
+    def __init__(self, directory, *args, journal=None, twistd=None, env=None, umask=None):
         self.directory = str(directory)
         self.env = env
+        self.umask = umask
         self.twistd = twistd or twistd_command()
         self.journal = str(journal or os.path.join(self.directory, "journal.jsonl"))
         self.args = list(args)
@@ -59,6 +73,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **self.env} if self.env else None,
+            preexec_fn=None if self.umask is None else (lambda: os.umask(self.umask)),
         )
         threading.Thread(target=self._read, daemon=True).start()
         line = self.wait_for(_LISTENING, timeout)
@@ -185,10 +200,13 @@ class Load:
     and send MSGs one after another, recording every ack as ``(seq, text)``
     in :attr:`acked`, until :meth:`stop` or until their connection is lost
     (the server killed).  :attr:`enough` is set once ``until`` acks came in.
+    With ``stopping_ends``, a client also stops at ``ERR unavailable server
+    stopping`` (a graceful stop under load); any other reply but ``OK`` fails.
     """
 
-    def __init__(self, port, clients, until, prefix="", user="alice"):
+    def __init__(self, port, clients, until, prefix="", user="alice", stopping_ends=False):
         self.port = port
+        self.stopping_ends = stopping_ends
         self.prefix = prefix
         self.user = user
         self.until = until
@@ -212,6 +230,8 @@ class Load:
                     break
                 text = f'{self.prefix}c{n} m{i} "q" \\ é'
                 reply = client.request(f"MSG {text}")
+                if self.stopping_ends and reply == "ERR unavailable server stopping":
+                    break
                 assert reply.startswith("OK "), reply
                 with self._lock:
                     self.acked.append((int(reply[3:]), text))

@@ -275,12 +275,14 @@ def test_restart_without_the_fault_recovers_the_journal_and_acks_again(disk):
 
 def test_a_new_journal_that_cannot_be_synced_stops_the_start(disk):
     """A new journal file whose fsync fails is not served: twistd exits 1,
-    saying it cannot open the journal and why."""
+    saying it cannot open the journal and why, and leaves no file behind."""
     disk.fail_fsyncs()
     with pytest.raises(AssertionError, match="server did not start") as failed:
         disk.start()
-    assert f"cannot open journal {disk.journal}: [Errno 5]" in str(failed.value)
+    assert f"cannot open journal {disk.journal}: Input/output error" in str(failed.value)
     assert disk.servers[-1].process.wait(10) == 1
+    assert not os.path.exists(disk.journal)
+    assert not os.path.exists(f"{disk.journal}.lock")
 
 
 def test_fsync_failing_from_the_start_refuses_msgs_and_says_why(disk):

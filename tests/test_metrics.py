@@ -61,7 +61,7 @@ def test_server_collector_exports_the_factory_counters():
     factory.total, factory.served = 41, 7
     factory.connections, factory.peak = 3, 9
     factory.inflight, factory.inflight_peak = 2, 5
-    factory.auth_failures, factory.auth_throttled = 4, 1
+    factory.auth_failures, factory.throttle.refused = 4, 1
     factory.journal.size = 12345
     assert samples(registry_of(ServerCollector(factory))) == {
         ("cserver_messages_total", ()): 41,
@@ -216,12 +216,13 @@ def test_make_service_with_metrics_runs_server_and_metrics_site(tmp_path):
         service.server.factory.journal.close()
 
 
-def test_make_service_refuses_a_bad_metrics_endpoint(tmp_path):
-    """A --metrics description that is no endpoint stops makeService with a message."""
+def test_a_bad_metrics_endpoint_is_refused_with_the_options(tmp_path):
+    """A --metrics description that is no endpoint is refused when the options are parsed,
+    naming the option, before anything is opened."""
     options = Options()
-    options.parseOptions(["--journal", str(tmp_path / "j"), "--metrics", "nonsense:1"])
-    with pytest.raises(SystemExit, match="bad --metrics endpoint"):
-        makeService(options)
+    with pytest.raises(UsageError, match="^--metrics 'nonsense:1' is not a server endpoint"):
+        options.parseOptions(["--journal", str(tmp_path / "j"), "--metrics", "nonsense:1"])
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- end to end ---------------------------------------------------------------------------
@@ -314,22 +315,27 @@ def test_twistd_workers_serve_totals_and_per_worker_metrics(server):
 
 
 def test_twistd_with_a_busy_metrics_port_exits_before_the_start_record(tmp_path):
-    """A --metrics port already in use: twistd exits non-zero, says why, and journals nothing."""
+    """A --metrics port already in use: twistd exits 1 with one line naming the port and the
+    option, and leaves no file behind (no journal, no lock)."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
+    port = busy.getsockname()[1]
     journal = tmp_path / "j.jsonl"
     try:
         done = subprocess.run(
             twistd_command() + [
                 "-n", "--pidfile=", "cserver", "--port", "tcp:0:interface=127.0.0.1",
                 "--journal", str(journal),
-                "--metrics", f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1",
+                "--metrics", f"tcp:{port}:interface=127.0.0.1",
             ],
             cwd=tmp_path, capture_output=True, text=True, timeout=30,
         )
     finally:
         busy.close()
-    assert done.returncode != 0
-    assert "Address already in use" in done.stdout + done.stderr
-    assert journal.read_bytes() == b""
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr == (f"cserver: cannot listen on tcp:{port}:interface="
+                           "127.0.0.1:backlog=4096 (--metrics): the address is already in use "
+                           "(is another server running there?)\n")
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,8 @@ from cserver.auth import AllowListChecker, TextOrBytesChecker
 from cserver.journal import AutoSyncer, InlineSyncer, SyncThread
 from cserver.tap import Options, makeService, raise_open_file_limit, with_backlog
 
+from .common import FakeReactor
+
 #: makeService tunes the interpreter for serving: put the test process back.
 pytestmark = pytest.mark.usefixtures("restore_interpreter")
 
@@ -68,16 +70,20 @@ def test_all_options():
     [
         (["--fsync", "sometimes"], "--fsync must be one of always, interval, never"),
         (["--max-connections", "0"], "must be at least 1"),
-        (["--max-line", "many"], "invalid literal"),
-        (["--idle-timeout", "-1"], "must be 0 or more"),
-        (["--work-delay", "nan"], "must be 0 or more"),
+        (["--max-connections", "0"], "^--max-connections must be at least 1, not 0$"),
+        (["--workers", "0"], "^--workers must be at least 1, not 0$"),
+        (["--max-line", "many"], "^--max-line must be a whole number, not 'many'$"),
+        (["--idle-timeout", "-1"], "^--idle-timeout must be at least 0 s, not -1$"),
+        (["--work-delay", "nan"], "^--work-delay must be at least 0 s, not nan$"),
+        (["--auth-throttle", "-2"], "^--auth-throttle must be at least 0, not -2$"),
         (["--users", " , "], "--users names nobody"),
         (["--writes", "lazy"], "--writes must be one of eager, queued"),
         (["--sync", "never"], "--sync must be one of auto, reactor, thread"),
     ],
 )
 def test_bad_options_are_refused(args, message):
-    """Bad option values raise UsageError with a message saying what is wrong."""
+    """Bad option values raise UsageError with a message naming the option and saying
+    what is wrong."""
     with pytest.raises(UsageError, match=message):
         parse(*args)
 
@@ -110,56 +116,63 @@ def test_open_file_limit_is_raised_within_hard_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_make_service_wires_the_parts(tmp_path):
+@pytest.fixture
+def make():
+    """
+    makeService on a memory reactor (nothing listens for real); every service
+    made is given up after the test: its journal closed, its lock released.
+    """
+    made = []
+
+    def make_(*args):
+        service = makeService(parse(*args), reactor=FakeReactor())
+        made.append(service)
+        return service
+
+    yield make_
+    for service in made:
+        server = getattr(service, "server", service)
+        server.factory.journal.close()
+        server.lock.release()
+
+
+def test_make_service_wires_the_parts(tmp_path, make):
     """makeService recovers the journal and builds a factory with the options' limits and auth."""
     journal = tmp_path / "j.jsonl"
-    service = makeService(parse("--journal", str(journal), "--users", "alice",
-                                "--max-connections", "7", "--work-delay", "2"))
-    try:
-        factory = service.factory
-        assert factory.limits.max_connections == 7
-        assert factory.limits.work_delay == 2
-        assert factory.journal.path == str(journal)
-        assert journal.exists()
-        [checker] = factory.portal.checkers.values()
-        assert isinstance(checker, AllowListChecker)
-        assert checker.users == {"alice"}
-    finally:
-        service.factory.journal.close()
+    service = make("--journal", str(journal), "--users", "alice",
+                   "--max-connections", "7", "--work-delay", "2")
+    factory = service.factory
+    assert factory.limits.max_connections == 7
+    assert factory.limits.work_delay == 2
+    assert factory.journal.path == str(journal)
+    assert journal.exists()
+    [checker] = factory.portal.checkers.values()
+    assert isinstance(checker, AllowListChecker)
+    assert checker.users == {"alice"}
 
 
-def test_make_service_defaults_to_eager_writes_and_the_auto_syncer(tmp_path):
+def test_make_service_defaults_to_eager_writes_and_the_auto_syncer(tmp_path, make):
     """By default the service gives its port eager writes and the journal an AutoSyncer."""
-    service = makeService(parse("--journal", str(tmp_path / "j")))
-    try:
-        assert service.eager is True
-        assert isinstance(service.factory.journal._syncer, AutoSyncer)
-    finally:
-        service.factory.journal.close()
+    service = make("--journal", str(tmp_path / "j"))
+    assert service.eager is True
+    assert isinstance(service.factory.journal._syncer, AutoSyncer)
 
 
 @pytest.mark.parametrize("mode, syncer", [("reactor", InlineSyncer), ("thread", SyncThread),
                                           ("auto", AutoSyncer)])
-def test_make_service_with_queued_writes_and_each_sync_mode(tmp_path, mode, syncer):
+def test_make_service_with_queued_writes_and_each_sync_mode(tmp_path, mode, syncer, make):
     """--writes queued keeps Twisted's transport; --sync picks the journal's syncer."""
-    service = makeService(parse("--journal", str(tmp_path / "j"), "--writes", "queued",
-                                "--sync", mode))
-    try:
-        assert service.eager is False
-        assert type(service.factory.journal._syncer) is syncer
-    finally:
-        service.factory.journal.close()
+    service = make("--journal", str(tmp_path / "j"), "--writes", "queued", "--sync", mode)
+    assert service.eager is False
+    assert type(service.factory.journal._syncer) is syncer
 
 
-def test_make_service_with_auth_uses_password_checkers(tmp_path):
+def test_make_service_with_auth_uses_password_checkers(tmp_path, make):
     """With --auth, the portal holds the given checkers (wrapped for str/bytes) only."""
-    service = makeService(parse("--journal", str(tmp_path / "j"), "--auth", "memory:a:b"))
-    try:
-        checkers = set(service.factory.portal.checkers.values())
-        assert len(checkers) == 1
-        assert isinstance(checkers.pop(), TextOrBytesChecker)
-    finally:
-        service.factory.journal.close()
+    service = make("--journal", str(tmp_path / "j"), "--auth", "memory:a:b")
+    checkers = set(service.factory.portal.checkers.values())
+    assert len(checkers) == 1
+    assert isinstance(checkers.pop(), TextOrBytesChecker)
 
 
 def test_make_service_refuses_damaged_journal(tmp_path):
@@ -167,24 +180,23 @@ def test_make_service_refuses_damaged_journal(tmp_path):
     journal = tmp_path / "j.jsonl"
     journal.write_bytes(b"nonsense\n" + b'{"seq":1,"time":1,"event":"start","pid":1}\n')
     with pytest.raises(SystemExit, match="damaged at byte 0"):
-        makeService(parse("--journal", str(journal)))
+        makeService(parse("--journal", str(journal)), reactor=FakeReactor())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.jsonl"]
 
 
 def test_make_service_reports_unopenable_journal(tmp_path):
     """A journal path that cannot be opened stops makeService with a clear message."""
-    with pytest.raises(SystemExit, match="cannot open journal"):
-        makeService(parse("--journal", str(tmp_path / "missing-dir" / "j.jsonl")))
+    with pytest.raises(SystemExit, match="cannot open journal .*missing-dir.* does not exist"):
+        makeService(parse("--journal", str(tmp_path / "missing-dir" / "j.jsonl")),
+                    reactor=FakeReactor())
 
 
-def test_make_service_tunes_the_interpreter(tmp_path):
+def test_make_service_tunes_the_interpreter(tmp_path, make):
     """makeService freezes the start-up heap, collects less often and hands the GIL over sooner."""
-    service = makeService(parse("--journal", str(tmp_path / "j")))
-    try:
-        assert gc.get_threshold()[0] == 10000
-        assert gc.get_freeze_count() > 0
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-    finally:
-        service.factory.journal.close()
+    make("--journal", str(tmp_path / "j"))
+    assert gc.get_threshold()[0] == 10000
+    assert gc.get_freeze_count() > 0
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
 
 
 def test_plugin_is_discovered():
