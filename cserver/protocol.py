@@ -9,7 +9,12 @@ connection reaches the shared state only through ``self.factory``
 from collections import deque
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -19,6 +24,9 @@ from cserver.auth import IUser, credentials_for
 
 #: Failed AUTHs after which a connection is closed.
 MAX_AUTH_FAILURES = 3
+#: The longest user name AUTH takes, in bytes of UTF-8; a longer one is
+#: refused (``ERR syntax``) and journaled clipped to this length.
+MAX_USER_BYTES = 256
 
 _GREETING = b"HELLO cserver %s\r\n" % (__version__.encode("ascii"),)
 #: A connection's reply queue before its first MSG: empty, like the deque
@@ -58,7 +66,7 @@ class _Reply:
             protocol._update_flow()
 
 
-@implementer(IPushProducer, IHandshakeListener)
+@implementer(IPushProducer, IHandshakeListener, IHalfCloseableProtocol)
 class CServerProtocol(LineReceiver):
     """
     The server side of one connection.
@@ -81,6 +89,7 @@ class CServerProtocol(LineReceiver):
     idle_since = 0.0
     paused = False
     _closing = False
+    _read_closed = False
     _counted = False
     _awaiting_auth = False
     _writes_paused = False
@@ -123,6 +132,32 @@ class CServerProtocol(LineReceiver):
         if self._counted:
             self._counted = False
             self.factory.connection_lost(self)
+
+    def readConnectionLost(self):
+        """
+        The client shut down its sending side (``shutdown(SHUT_WR)``,
+        ``nc -N``): no request comes after the ones received.  Those are
+        still answered, in order -- lines waiting while reading was paused
+        are taken first -- and then the connection is closed.  An unfinished
+        last line (no LF) is not a request.
+        """
+        if self._read_closed:
+            return
+        self._read_closed = True
+        self._end_of_requests()
+
+    def writeConnectionLost(self):
+        """
+        The server never shuts down its sending side alone.
+        """
+
+    def _end_of_requests(self):
+        """
+        After the client's end of file: once no line waits to be taken,
+        close after every reply owed.
+        """
+        if self._read_closed and not self._closing and not self.paused:
+            self._close_with(b"")
 
     def timed_out(self):
         """
@@ -247,19 +282,27 @@ class CServerProtocol(LineReceiver):
         if self.user is not None:
             self._reply(b"ERR state already authenticated\r\n")
             return
+        factory = self.factory
+        retry = factory.auth_retry_after(self)
+        if retry is not None:
+            self._count_failure(b"ERR auth throttled: too many failed AUTHs from your address; "
+                                b"retry in %d s\r\n" % (retry,))
+            factory.auth_refused(self)
+            return
+        user, _, password = body.partition(b" ")
+        if len(user) > MAX_USER_BYTES:
+            clipped = user[:MAX_USER_BYTES].decode("utf-8", "ignore")
+            self._auth_failed(clipped, b"ERR syntax user name too long (the most is %d bytes)"
+                                       b"\r\n" % (MAX_USER_BYTES,), length=len(user))
+            return
         try:
-            arg = body.decode("utf-8")
+            user = user.decode("utf-8")
+            password = password.decode("utf-8")
         except UnicodeDecodeError:
             self._reply(b"ERR encoding line is not valid UTF-8\r\n")
             return
-        user, _, password = arg.partition(" ")
         if not user:
             self._reply(b"ERR syntax AUTH needs a user name\r\n")
-            return
-        factory = self.factory
-        if not factory.auth_allowed(self):
-            self._auth_failed(user, b"ERR auth too many failures from your address; "
-                                    b"try again later\r\n", throttled=True)
             return
         credentials = credentials_for(factory.portal_interfaces, user, password or None)
         if credentials is None:
@@ -304,12 +347,15 @@ class CServerProtocol(LineReceiver):
             if self.paused:
                 self._update_flow()
 
-    def _auth_failed(self, user, line, throttled=False):
+    def _auth_failed(self, user, line, length=None):
         """
         Count and journal a failed AUTH; the third on a connection closes it.
         """
+        self.factory.auth_failed(self, user, line[4:-2].decode("utf-8"), length)
+        self._count_failure(line)
+
+    def _count_failure(self, line):
         self._auth_failures += 1
-        self.factory.auth_failed(self, user, throttled)
         if self._auth_failures >= MAX_AUTH_FAILURES:
             self._close_with(line)
         else:
@@ -377,7 +423,13 @@ class CServerProtocol(LineReceiver):
         if stop == self.paused:
             return
         self.paused = stop
-        if stop:
+        if self._read_closed:
+            # Nothing more to read: take the lines that waited, then end.
+            # (Resuming the transport would make it report the end again.)
+            if not stop:
+                self.dataReceived(b"")
+                self._end_of_requests()
+        elif stop:
             self.transport.pauseProducing()
         else:
             self.transport.resumeProducing()

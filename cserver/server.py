@@ -15,6 +15,7 @@ from cserver import __version__
 from cserver.auth import immediate_checker
 from cserver.journal import EVENT, FIELDS, JournalLogger
 from cserver.protocol import CServerProtocol
+from cserver.throttle import AuthThrottle, FailureLog
 
 
 @attrs.frozen
@@ -83,9 +84,8 @@ class CServerFactory(ServerFactory):
         self.inflight = 0
         self.inflight_peak = 0
         self.auth_failures = 0
-        self.auth_throttled = 0
-        # host -> (failed AUTHs in a row, time of the last one)
-        self._failures_by_host = {}
+        self.throttle = AuthThrottle(clock, limits.auth_throttle, limits.auth_throttle_seconds)
+        self.failure_log = FailureLog(clock)
         self.stopping = False
         self.protocols = set()
         self._drained = []
@@ -116,8 +116,8 @@ class CServerFactory(ServerFactory):
         One periodic pass instead of a timer per connection.
         """
         self._schedule_sweep(interval)
-        if self._failures_by_host:
-            self._forget_old_failures()
+        self._journal_refusals(self.throttle.sweep())
+        self.failure_log.flush()
         now = self.clock.seconds()
         idle_timeout = self.limits.idle_timeout
         auth_timeout = self.limits.auth_timeout
@@ -144,8 +144,10 @@ class CServerFactory(ServerFactory):
 
     def record_stop(self):
         """
-        Journal the ``stop`` record; fires once it is durable.
+        Journal what the throttle refused, then the ``stop`` record; fires
+        once it is durable.
         """
+        self.journal_auth_refusals()
         fields = {"served": self.served, "total": self.total}
         return self.journal_log.record("stop", fields, "cserver stopping")
 
@@ -230,51 +232,64 @@ class CServerFactory(ServerFactory):
             for d in waiting:
                 d.callback(None)
 
-    def auth_failed(self, protocol, user, throttled=False):
+    @property
+    def auth_throttled(self):
+        """
+        AUTHs refused, unchecked, by the throttle since start.
+        """
+        return self.throttle.refused
+
+    def auth_retry_after(self, protocol):
+        """
+        Whole seconds until ``protocol``'s host address may AUTH again (it
+        failed too often: see :class:`cserver.throttle.AuthThrottle`), or
+        None when it may now.
+        """
+        return self.throttle.retry_after(protocol.host)
+
+    def auth_failed(self, protocol, user, why, length=None):
         """
         Count and journal a failed AUTH (the name and the peer, never a
-        password), and count it against the peer's host address.
+        password; a name of ``length`` bytes clipped to ``user``), log it
+        (rate-limited), and count it against the peer's host address.
         """
         self.auth_failures += 1
         fields = {"user": user, "peer": protocol.peer}
-        if throttled:
-            self.auth_throttled += 1
-            fields["throttled"] = True
+        if length is not None:
+            fields["clipped"] = True
+            fields["length"] = length
         self.journal_log.info(
             "AUTH failed for user {user} from {peer}",
             **{EVENT: "auth_failed", FIELDS: fields},
             **fields,
         )
-        if self.limits.auth_throttle:
-            count, last = self._failures_by_host.get(protocol.host, (0, 0.0))
-            if self._quiet_since(last):
-                count = 0
-            self._failures_by_host[protocol.host] = (count + 1, self.clock.seconds())
+        self.failure_log.failed(user, protocol.peer, why)
+        self.throttle.failed(protocol.host)
 
-    def auth_allowed(self, protocol):
+    def auth_refused(self, protocol):
         """
-        False while the peer's host is throttled: it failed ``auth_throttle``
-        AUTHs, the last less than ``auth_throttle_seconds`` ago.
+        An AUTH from a throttled address, refused unchecked: counted (in
+        ``auth_failures`` and ``auth_throttled``), not journaled one by one.
         """
-        if not self.limits.auth_throttle:
-            return True
-        count, last = self._failures_by_host.get(protocol.host, (0, 0.0))
-        return count < self.limits.auth_throttle or self._quiet_since(last)
+        self.auth_failures += 1
+        self.throttle.refuse(protocol.host)
 
-    def _quiet_since(self, last):
-        return self.clock.seconds() - last >= self.limits.auth_throttle_seconds
+    def journal_auth_refusals(self):
+        """
+        Journal the AUTHs refused so far from addresses still throttled (at
+        stop: the sweep journals the others as each address is released).
+        """
+        self._journal_refusals(self.throttle.take_refusals())
+        self.failure_log.flush(stopping=True)
 
-    def _forget_old_failures(self):
-        """
-        Drop the failure counts of hosts that have been quiet long enough,
-        so that the table stays as small as the set of recent offenders.
-        """
-        now = self.clock.seconds()
-        window = self.limits.auth_throttle_seconds
-        stale = [host for host, (_count, last) in self._failures_by_host.items()
-                 if now - last >= window]
-        for host in stale:
-            del self._failures_by_host[host]
+    def _journal_refusals(self, lockouts):
+        for lockout in lockouts:
+            fields = lockout.fields()
+            self.journal_log.info(
+                "{refused} AUTHs refused from {host}, throttled",
+                **{EVENT: "auth_throttled", FIELDS: fields},
+                **fields,
+            )
 
     def stats(self, protocol):
         """

@@ -2,8 +2,11 @@
 
 import pytest
 from twisted.cred import strcred
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import implementer
 
 from cserver.auth import (
     IUser,
@@ -97,3 +100,102 @@ def test_password_checks_compare_in_constant_time(monkeypatch):
     assert login(portal, UsernamePassword("alice", "pw")) == "alice"
     assert login(portal, UsernamePassword("alice", "nope")).check(UnauthorizedLogin)
     assert (b"pw", b"pw") in calls and (b"nope", b"pw") in calls
+
+
+# -- several --auth checkers ---------------------------------------------------------------
+
+
+def test_two_memory_checkers_both_apply():
+    """--auth memory:... twice: the users of either are accepted (each with its own
+    password), not only the last checker's."""
+    portal = password_portal([strcred.makeChecker("memory:alice:pw"),
+                              strcred.makeChecker("memory:bob:x")])
+    assert login(portal, UsernamePassword("alice", "pw")) == "alice"
+    assert login(portal, UsernamePassword("bob", "x")) == "bob"
+    assert login(portal, UsernamePassword("bob", "pw")).check(UnauthorizedLogin)
+    assert login(portal, UsernamePassword("carol", "pw")).check(UnauthorizedLogin)
+
+
+def test_memory_and_file_checkers_both_apply(tmp_path):
+    """--auth memory:... and --auth file:...: users of either are accepted, in either
+    order."""
+    path = tmp_path / "passwd"
+    path.write_text("carol:sécret\n", encoding="utf-8")
+    for checkers in (["memory:alice:pw", f"file:{path}"], [f"file:{path}", "memory:alice:pw"]):
+        portal = password_portal([strcred.makeChecker(c) for c in checkers])
+        assert login(portal, UsernamePassword("alice", "pw")) == "alice"
+        assert login(portal, UsernamePassword("carol", "sécret")) == "carol"
+        assert login(portal, UsernamePassword("carol", "pw")).check(UnauthorizedLogin)
+
+
+def test_memory_and_hashfile_checkers_both_apply(tmp_path):
+    """--auth memory:... and --auth hashfile:...: users of either are accepted."""
+    from cserver.hashfile import HashFileChecker, hash_password
+
+    path = tmp_path / "hashes"
+    path.write_text(f"dave:{hash_password('d', n=16)}\n")
+    portal = password_portal([strcred.makeChecker("memory:alice:pw"),
+                              HashFileChecker(str(path), run_in_thread=lambda f, *a:
+                                              defer.maybeDeferred(f, *a))])
+    assert login(portal, UsernamePassword("alice", "pw")) == "alice"
+    assert login(portal, UsernamePassword("dave", "d")) == "dave"
+    assert login(portal, UsernamePassword("dave", "pw")).check(UnauthorizedLogin)
+
+
+def test_a_failing_checker_does_not_stop_the_others():
+    """A checker failing unexpectedly (an unreadable file...) does not keep the next one
+    from accepting; when none accepts, that unexpected failure is the result."""
+
+    @implementer(ICredentialsChecker)
+    class Broken:
+        credentialInterfaces = (IUsernamePassword,)
+        accepts_text_or_bytes = True
+
+        def requestAvatarId(self, credentials):
+            return defer.fail(OSError("cannot read"))
+
+    portal = password_portal([Broken(), strcred.makeChecker("memory:alice:pw")])
+    assert login(portal, UsernamePassword("alice", "pw")) == "alice"
+    assert login(portal, UsernamePassword("alice", "no")).check(OSError)
+
+
+def test_the_start_log_says_how_auth_is_checked_never_a_password():
+    """describe_checkers names the allow-list's users, or each --auth checker's type and
+    its file or user names; a memory: checker's passwords never appear."""
+    from cserver.auth import describe_checkers
+
+    assert describe_checkers(None, ["alice", "bob"]) == (
+        "AUTH <user> for the names in --users: alice, bob (no password)")
+    text = describe_checkers(["memory:alice:s3cret:bob:hunter2", "file:/etc/pw",
+                              "hashfile:/etc/cserver/passwd", "unix"], [])
+    assert text == ("AUTH <user> <password>, accepted when any of these accepts: "
+                    "memory (users alice, bob); file /etc/pw; hashfile /etc/cserver/passwd; "
+                    "unix")
+    assert "s3cret" not in text and "hunter2" not in text
+
+
+def test_twistd_with_two_auth_options_accepts_both_and_logs_how(tmp_path):
+    """A real twistd with --auth given twice lets the users of both in; its log says at
+    start how AUTH is checked (never a password) and shows each failed AUTH."""
+    from .server_process import ServerProcess
+
+    process = ServerProcess(tmp_path, "--auth", "memory:alice:s3cret",
+                            "--auth", "memory:bob:hunter2").start()
+    try:
+        client = process.connect()
+        assert client.request("AUTH bob hunter2") == "OK bob"
+        client.close()
+        client = process.connect()
+        assert client.request("AUTH alice s3cret") == "OK alice"
+        assert client.request("AUTH carol guess") == "ERR state already authenticated"
+        client.close()
+        client = process.connect()
+        assert client.request("AUTH carol guess") == "ERR auth wrong user or password"
+        assert process.wait_for("AUTH failed for user 'carol' from 127.0.0.1:") is not None
+        client.close()
+    finally:
+        assert process.stop() == 0
+    log = "".join(process.output)
+    assert ("AUTH <user> <password>, accepted when any of these accepts: memory (users "
+            "alice); memory (users bob)") in log
+    assert "s3cret" not in log and "hunter2" not in log
