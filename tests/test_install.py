@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_carries_the_plugin(tmp_path):
-    """The wheel holds twisted/plugins/cserver_plugin.py and no twisted/plugins/__init__.py."""
+    """The wheel holds twisted/plugins/cserver_plugin.py and no twisted/plugins/__init__.py,
+    and installs the README, the licence and the units under share/doc/cserver (where the
+    systemd units' Documentation= points)."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
          "--wheel-dir", str(tmp_path), str(ROOT)],
@@ -25,6 +27,9 @@ def test_wheel_carries_the_plugin(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
     assert "cserver/tap.py" in names
+    doc = "cserver-{}.data/data/share/doc/cserver/".format(wheel.name.split("-")[1])
+    for name in ("README.rst", "LICENSE", "protocol.rst", "cserver.service"):
+        assert doc + name in names, name
 
 
 def test_editable_install_runs_twistd_cserver(tmp_path):

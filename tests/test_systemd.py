@@ -301,6 +301,18 @@ def test_units_agree_on_the_socket():
     assert journal.startswith("/var/lib/" + service["StateDirectory"][0] + "/")
 
 
+def test_units_documentation_is_what_the_install_puts_beside_twistd():
+    """Each unit's Documentation= is the README that the package installs under the prefix
+    of the unit's twistd (data_files share/doc/cserver)."""
+    prefix = os.path.dirname(os.path.dirname(exec_start_argv()[0]))
+    for path in (SERVICE, SOCKET):
+        [documentation] = unit(path)["Unit"]["Documentation"]
+        assert documentation == f"file://{prefix}/share/doc/cserver/README.rst"
+    with open(os.path.join(os.path.dirname(SERVICE), "..", "..", "setup.cfg")) as f:
+        setup = f.read()
+    assert "share/doc/cserver =\n    README.rst" in setup
+
+
 def test_systemd_analyze_verify(tmp_path):
     """
     systemd-analyze verify accepts the shipped units without a warning (ExecStart pointed at this
