@@ -8,6 +8,20 @@ load generator behind ``bench`` is in :mod:`cserver.bench`.
 
     d = connect(reactor, "tcp:host=127.0.0.1:port=31337", "alice")
     d.addCallback(lambda client: client.send("hello"))   # fires with the seq
+
+``cserver-client send TEXT...`` prints the seq of each acknowledged message, one per
+line, in order, and names each other one on stderr.  Its exit status says what a
+script may do next (see :data:`SEND_EXIT_STATUS`):
+
+- 0: every message was acknowledged, so it is in the journal -- whatever then became
+  of the QUIT (a server stopping gracefully closes the connection without answering
+  it);
+- 1: whatever is not printed is certainly not in the journal: the connection or AUTH
+  failed before any message was sent, or the server refused (``ERR``) every message
+  it did not acknowledge;
+- 2: a usage error, nothing sent;
+- 3: the fate of at least one message is unknown: the connection was lost, or the
+  reply timed out, before its acknowledgement, so it may or may not be in the journal.
 """
 
 import argparse
@@ -25,6 +39,26 @@ from twisted.python.failure import Failure
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 31337
 DEFAULT_TIMEOUT = 30.0
+
+#: ``send``'s exit statuses beyond 0 (all acknowledged) and 2 (usage error).
+EXIT_NOT_JOURNALED = 1
+EXIT_FATE_UNKNOWN = 3
+
+SEND_EXIT_STATUS = """\
+exit status:
+  0  every message was acknowledged and its seq printed (whatever then became of
+     the QUIT)
+  1  nothing that is not printed is in the journal: the connection or AUTH failed
+     before any message was sent, or the server refused (ERR) each message it did
+     not acknowledge
+  2  usage error; nothing was sent
+  3  the fate of at least one message is unknown: the connection was lost or timed
+     out before its acknowledgement, so it may or may not be in the journal (look
+     before sending it again)
+"""
+
+#: How much of a message's text ``send`` quotes when it names one on stderr.
+CLIP = 40
 
 
 class ServerError(Exception):
@@ -266,17 +300,33 @@ def add_timeout_argument(parser):
         "this many seconds (%(default)s)")
 
 
+def _message_text(text):
+    """A ``send`` TEXT: one MSG line, so no line break (argparse type)."""
+    if "\n" in text or "\r" in text:
+        raise argparse.ArgumentTypeError(f"a message must not contain a line break: {text!r}")
+    return text
+
+
 def build_parser():
     """The ``cserver-client`` argument parser."""
+    import cserver
     from cserver import bench
 
     parser = argparse.ArgumentParser(
         prog="cserver-client", description="Talk to a cserver: send, stats, bench.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {cserver.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    send = sub.add_parser("send", help="send messages and print their seqs, one per line")
+    send = sub.add_parser(
+        "send", help="send messages and print their seqs, one per line",
+        description="Send each TEXT as one MSG, pipelined, and print the seq of each "
+        "acknowledged one, one per line, in order; each message not acknowledged is "
+        "named on stderr, refused (ERR) or with no reply.",
+        epilog=SEND_EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_connection_arguments(send)
     add_timeout_argument(send)
-    send.add_argument("texts", nargs="+", metavar="TEXT", help="one message each")
+    send.add_argument("texts", nargs="+", type=_message_text, metavar="TEXT",
+                      help="one message each")
     stats = sub.add_parser("stats", help="print the server's STATS as key=value lines")
     add_connection_arguments(stats)
     add_timeout_argument(stats)
@@ -292,10 +342,10 @@ def build_parser():
 
 @defer.inlineCallbacks
 def run_session(reactor, args, out):
-    """``send`` or ``stats`` for parsed ``args``: prints to ``out``; fires with the exit code."""
+    """``send`` or ``stats`` for parsed ``args``: prints to ``out``; fires with the exit
+    code (for ``send``, see :data:`SEND_EXIT_STATUS`)."""
     description = endpoint_description(args.host, args.port, args.endpoint)
     timeout = args.timeout
-    client = None
 
     def timed(d):
         return _within(d, timeout, reactor)
@@ -303,24 +353,96 @@ def run_session(reactor, args, out):
     try:
         client = yield connect(reactor, description, args.user, args.password,
                                timeout=timeout)
-        if args.command == "send":
-            # Pipelined: every MSG goes out at once; the seqs come back in order.
-            sends = [timed(client.send(t)) for t in args.texts]
-            for seq in (yield defer.gatherResults(sends, consumeErrors=True)):
-                out.write(f"{seq}\n")
-        else:
-            for key, value in (yield timed(client.stats())).items():
-                out.write(f"{key}={value}\n")
-        yield timed(client.quit())
     except Exception as e:
-        e = e.subFailure.value if isinstance(e, defer.FirstError) else e
-        if isinstance(e, (defer.TimeoutError, defer.CancelledError, error.TimeoutError)):
-            e = f"no answer from the server within {timeout:g} s"
-        sys.stderr.write(f"cserver-client: {_describe(e)}\n")
-        if client is not None:
-            client.transport.loseConnection()
+        _complain(_reason(e, timeout))
+        return EXIT_NOT_JOURNALED
+    if args.command == "send":
+        code = yield send_messages(client, args.texts, timed, out, timeout)
+    else:
+        code = yield print_stats(client, timed, out, timeout)
+    if code == EXIT_FATE_UNKNOWN:
+        client.transport.loseConnection()  # it has stopped answering, or is gone
+    else:
+        yield _quit(client, timed)
+    return code
+
+
+@defer.inlineCallbacks
+def send_messages(client, texts, timed, out, timeout):
+    """Pipeline one MSG per text; print the seq of each acknowledged one to ``out``, in
+    order, and name each other one on stderr; fires with the exit code: 0 when all
+    were acknowledged, else :data:`EXIT_FATE_UNKNOWN` when one got no reply, else
+    :data:`EXIT_NOT_JOURNALED`."""
+    sends = [timed(client.send(text)) for text in texts]
+    results = yield defer.DeferredList(sends, consumeErrors=True)
+    code = 0
+    for position, (text, (acked, result)) in enumerate(zip(texts, results, strict=True), 1):
+        if acked:
+            out.write(f"{result}\n")
+            continue
+        problem, status = _unacknowledged(result.value, timeout)
+        _complain(f"message {position} of {len(texts)} {_clip(text)!r}: {problem}")
+        code = max(code, status)
+    return code
+
+
+@defer.inlineCallbacks
+def print_stats(client, timed, out, timeout):
+    """Print the STATS reply to ``out`` as key=value lines; fires with the exit code:
+    0, or 1 (said on stderr) when there is no reply."""
+    try:
+        stats = yield timed(client.stats())
+    except Exception as e:
+        _complain(_reason(e, timeout))
+        client.transport.loseConnection()
         return 1
+    for key, value in stats.items():
+        out.write(f"{key}={value}\n")
     return 0
+
+
+@defer.inlineCallbacks
+def _quit(client, timed):
+    """Say QUIT and wait for the goodbye; by then every answer that matters is in, so
+    nothing that becomes of it -- an ERR, a close instead of an answer (a server
+    stopping gracefully), a timeout -- changes the outcome."""
+    try:
+        yield timed(client.quit())
+    except Exception:
+        pass
+    client.transport.loseConnection()
+
+
+def _unacknowledged(reason, timeout):
+    """Why a MSG got no OK, for stderr, and the exit code that calls for."""
+    if isinstance(reason, ServerError):
+        return f"refused by the server (not journaled): {reason}", EXIT_NOT_JOURNALED
+    if _timed_out(reason):
+        cause = f"timed out after {timeout:g} s"
+    else:
+        cause = "the connection was lost"
+    return (f"no reply: {cause} before its acknowledgement "
+            "(it may or may not be in the journal)"), EXIT_FATE_UNKNOWN
+
+
+def _timed_out(reason):
+    return isinstance(reason, (defer.TimeoutError, defer.CancelledError, error.TimeoutError))
+
+
+def _reason(reason, timeout):
+    """One line on why the session failed."""
+    if _timed_out(reason):
+        return f"no answer from the server within {timeout:g} s"
+    return _describe(reason)
+
+
+def _clip(text, width=CLIP):
+    """``text``, cut to ``width`` characters (ending in ``...``) when longer."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _complain(line):
+    sys.stderr.write(f"cserver-client: {line}\n")
 
 
 def _describe(error):

@@ -5,11 +5,16 @@ The password is prompted for twice without echo, or read from the first
 line of standard input with ``--stdin``.  The file is rewritten atomically
 (a temporary file in the same directory, fsynced, renamed over it) with
 mode 0600; the other users' lines are kept as they were.
+
+Before the password is asked for, the destination is checked: PATH must
+not be a directory, and its directory must exist and be writable; each
+problem is one line on stderr and exit status 1, with nothing created.
 """
 
 import argparse
 import getpass
 import os
+import stat
 import sys
 import tempfile
 
@@ -33,6 +38,40 @@ def check_user(user):
         raise PasswdError(f"the user name {user!r} has ':' or whitespace")
     if not user.isprintable():
         raise PasswdError(f"the user name {user!r} has unprintable characters")
+
+
+def check_destination(path):
+    """
+    Raise :class:`PasswdError` unless the file at ``path`` can be written the
+    way :func:`write_atomically` does: ``path`` is no directory, and its
+    directory exists and lets this user create files in it.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        is_directory = stat.S_ISDIR(os.stat(directory).st_mode)
+    except FileNotFoundError:
+        raise PasswdError(f"the directory {directory} does not exist "
+                          f"(create it first: mkdir -p {directory})") from None
+    except NotADirectoryError:
+        is_directory = False
+    if not is_directory:
+        raise PasswdError(f"{_file_in_the_way(directory)} is not a directory")
+    if os.path.isdir(path):
+        raise PasswdError(f"{path} is a directory, not a hash file "
+                          f"(name a file in it, e.g. {os.path.join(path, 'passwd')})")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PasswdError(f"cannot write to the directory {directory} "
+                          "(the file is replaced by a new one made there): permission denied")
+
+
+def _file_in_the_way(directory):
+    """
+    The part of ``directory`` that exists but is a file: ``directory``
+    itself, or the nearest of its parents that exists.
+    """
+    while not os.path.lexists(directory):
+        directory = os.path.dirname(directory)
+    return directory
 
 
 def set_user(path, user, hashed):
@@ -69,7 +108,11 @@ def write_atomically(path, text):
     the same directory, fsynced, then renamed over it.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".cserver-passwd-", dir=directory)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".cserver-passwd-", dir=directory)
+    except OSError as e:
+        raise PasswdError(
+            f"cannot create a file in the directory {directory}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), 0o600)
@@ -141,6 +184,7 @@ def main(argv=None, stdin=None, prompt=getpass.getpass):
     args = parser().parse_args(argv)
     try:
         check_user(args.user)
+        check_destination(args.path)
         password = read_password(args.stdin, stdin, prompt)
         added = set_user(args.path, args.user, hash_password(password, n=args.scrypt_n))
     except PasswdError as e:

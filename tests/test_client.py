@@ -2,8 +2,10 @@
 
 import getpass
 import io
+import signal
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer, error
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
@@ -12,6 +14,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+import cserver
 from cserver import client
 from cserver.client import (
     CserverClientProtocol,
@@ -287,6 +290,31 @@ class RefusingServer(ScriptedServer):
             super().lineReceived(line)
 
 
+class StoppingServer(ScriptedServer):
+    """Acks every MSG, then meets QUIT the way the real server does when it is stopped
+    gracefully (SIGTERM) at that moment: it closes the connection cleanly, unanswered."""
+
+    def lineReceived(self, line):
+        if line.startswith(b"QUIT"):
+            self.transport.loseConnection()
+        else:
+            super().lineReceived(line)
+
+
+class SelectiveServer(ScriptedServer):
+    """Acks every MSG but those whose text starts with ``bad``, which get ``ERR
+    unavailable disk full``; at a MSG whose text starts with ``crash`` it closes the
+    connection, leaving that MSG and every later one unanswered."""
+
+    def lineReceived(self, line):
+        if line.startswith(b"MSG bad"):
+            self.sendLine(b"ERR unavailable disk full")
+        elif line.startswith(b"MSG crash"):
+            self.transport.loseConnection()
+        else:
+            super().lineReceived(line)
+
+
 def memory_server(protocol=ScriptedServer):
     """A MemoryReactorClock with ``protocol`` on port 31337, and a ConnectionCompleter."""
     reactor = MemoryReactorClock()
@@ -393,19 +421,33 @@ def test_cli_gives_up_on_a_server_that_never_greets(command, capsys):
     assert "no answer from the server within 3 s" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["send", "A", "B"], ["stats"]])
-def test_cli_gives_up_on_requests_that_get_no_reply(command, capsys):
-    """After AUTH, a request the server never answers ends ``send``/``stats`` with
-    exit 1 after --timeout seconds."""
-    argv = [command[0], "--user", "alice", "--timeout", "2", *command[1:]]
-    code, out = run_cli_session(argv, DeafServer, wait=2.1)
+def test_cli_stats_gives_up_on_a_stats_that_gets_no_reply(capsys):
+    """After AUTH, a STATS the server never answers ends ``stats`` with exit 1 after
+    --timeout seconds."""
+    code, out = run_cli_session(["stats", "--user", "alice", "--timeout", "2"],
+                                DeafServer, wait=2.1)
     assert code == 1 and out == ""
     assert "no answer from the server within 2 s" in capsys.readouterr().err
 
 
+def test_cli_send_gives_up_on_msgs_that_get_no_reply_and_exits_3(capsys):
+    """After AUTH, MSGs the server never answers end ``send`` after --timeout seconds
+    with exit 3 (fate unknown) and one stderr line per message, saying that it timed
+    out and may or may not be in the journal."""
+    code, out = run_cli_session(["send", "--user", "alice", "--timeout", "2", "A", "B"],
+                                DeafServer, wait=2.1)
+    assert (code, out) == (3, "")
+    unknown = "no reply: timed out after 2 s before its acknowledgement " \
+        "(it may or may not be in the journal)"
+    assert capsys.readouterr().err.splitlines() == [
+        f"cserver-client: message 1 of 2 'A': {unknown}",
+        f"cserver-client: message 2 of 2 'B': {unknown}",
+    ]
+
+
 def test_cli_send_with_several_err_replies_leaves_no_unhandled_error(capsys):
-    """When several pipelined MSGs fail, ``send`` reports the first and exits 1; the
-    other failures are consumed, not logged as unhandled errors in Deferreds."""
+    """When several pipelined MSGs fail, ``send`` reports each and exits 1; the
+    failures are consumed, not logged as unhandled errors in Deferreds."""
     import gc
 
     from twisted.logger import globalLogPublisher
@@ -418,8 +460,98 @@ def test_cli_send_with_several_err_replies_leaves_no_unhandled_error(capsys):
         gc.collect()
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert code == 1 and "ERR unavailable" in capsys.readouterr().err
+    assert code == 1 and capsys.readouterr().err.count("ERR unavailable") == 3
     assert [e for e in events if "log_failure" in e] == []
+
+
+REFUSED = "refused by the server (not journaled): ERR unavailable disk full"
+LOST = ("no reply: the connection was lost before its acknowledgement "
+        "(it may or may not be in the journal)")
+
+
+def test_cli_send_exits_0_when_the_server_closes_instead_of_answering_quit(capsys):
+    """Every MSG acked, then the server closes the connection without answering QUIT
+    (what it does when stopped gracefully at that moment): ``send`` prints every seq
+    in order and exits 0, with nothing on stderr -- the messages are journaled, and a
+    script must not send them again."""
+    code, out = run_cli_session(["send", "--user", "alice", "A", "B", "C"], StoppingServer)
+    assert (code, out) == (0, "1\n2\n3\n")
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_stats_exits_0_when_the_server_closes_instead_of_answering_quit(capsys):
+    """Once STATS is answered and printed, a QUIT the server leaves unanswered (closing
+    the connection) does not make ``stats`` fail."""
+    code, out = run_cli_session(["stats", "--user", "alice"], StoppingServer)
+    assert (code, out) == (0, "total=0\npeak=1\nuser=alice\n")
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_send_names_each_refused_message_and_exits_1(capsys):
+    """MSGs answered ``ERR`` are certainly not journaled: ``send`` prints the seqs of
+    the acked ones in order, names each refused one on stderr (position, text, the
+    ERR), one line each, and exits 1."""
+    argv = ["send", "--user", "alice", "one", "bad two", "three", "bad four"]
+    code, out = run_cli_session(argv, SelectiveServer)
+    assert (code, out) == (1, "1\n2\n")
+    assert capsys.readouterr().err.splitlines() == [
+        f"cserver-client: message 2 of 4 'bad two': {REFUSED}",
+        f"cserver-client: message 4 of 4 'bad four': {REFUSED}",
+    ]
+
+
+def test_cli_send_exits_3_when_the_connection_is_lost_before_an_ack(capsys):
+    """MSGs still unanswered when the connection is lost may or may not be journaled:
+    ``send`` prints the seqs it got, names each refused and each unanswered message
+    on stderr, one line each, telling the two apart, and exits 3."""
+    argv = ["send", "--user", "alice", "one", "bad two", "crash three", "four"]
+    code, out = run_cli_session(argv, SelectiveServer)
+    assert (code, out) == (3, "1\n")
+    assert capsys.readouterr().err.splitlines() == [
+        f"cserver-client: message 2 of 4 'bad two': {REFUSED}",
+        f"cserver-client: message 3 of 4 'crash three': {LOST}",
+        f"cserver-client: message 4 of 4 'four': {LOST}",
+    ]
+
+
+def test_cli_send_clips_long_texts_in_its_complaints(capsys):
+    """A long message is named by its first 40 characters (ending in ...), so that
+    each problem stays one short line."""
+    code, _ = run_cli_session(["send", "--user", "alice", "bad " + "x" * 100],
+                              SelectiveServer)
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"cserver-client: message 1 of 1 'bad {'x' * 33}...': {REFUSED}"]
+
+
+def test_cli_send_refuses_a_text_with_a_line_break_before_connecting(capsys):
+    """A TEXT with a line break would be two requests on the wire: ``send`` refuses it
+    as a usage error (exit 2) before anything is sent, instead of failing after the
+    TEXTs before it went out with their seqs unprinted."""
+    with pytest.raises(SystemExit) as exc:
+        client.build_parser().parse_args(["send", "A", "B\nC"])
+    assert exc.value.code == 2
+    assert "line break" in capsys.readouterr().err
+
+
+def test_send_help_documents_the_exit_statuses(capsys):
+    """``cserver-client send --help`` explains exit statuses 0, 1, 2 and 3."""
+    with pytest.raises(SystemExit):
+        client.build_parser().parse_args(["send", "--help"])
+    out = capsys.readouterr().out
+    assert "exit status:" in out
+    for status in ("0", "1", "2", "3"):
+        assert f"\n  {status}  " in out
+    assert "may or may not be in the journal" in out
+
+
+def test_version_prints_the_version_and_exits_0(capsys):
+    """``cserver-client --version`` prints ``cserver-client <cserver.__version__>``
+    and exits 0, without needing a COMMAND."""
+    with pytest.raises(SystemExit) as exc:
+        client.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"cserver-client {cserver.__version__}\n"
 
 
 def test_parser_defaults_for_send_and_stats():
@@ -591,3 +723,44 @@ def test_e2e_requests_overlap_under_work_delay(tmp_path):
         assert int(stats["inflight_peak"]) == 1000
     finally:
         proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_e2e_send_exits_0_when_the_server_is_stopped_before_quit(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A real server acks both MSGs and is then stopped gracefully (SIGTERM) before it
+    answers QUIT: ``send`` prints both seqs and exits 0 with nothing on stderr, and
+    both messages are in the journal."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import deferToThread
+
+    from tests.server_process import read_journal
+
+    proc = start_server(tmp_path)
+    original = CserverClientProtocol.quit
+    stopped = []
+
+    @defer.inlineCallbacks
+    def quit_once_the_server_has_stopped(self):
+        proc.process.send_signal(signal.SIGTERM)
+        stopped.append(True)
+        yield self.closed  # the server closes the connection as it stops
+        return (yield original(self))
+
+    monkeypatch.setattr(CserverClientProtocol, "quit", quit_once_the_server_has_stopped)
+    try:
+        args = client.build_parser().parse_args(
+            ["send", "--port", str(proc.port), "--user", E2E_USER, "--timeout", "20",
+             "first", "second"])
+        out = io.StringIO()
+        code = await client.run_session(reactor, args, out)
+        assert await deferToThread(proc.stop) == 0
+    finally:
+        if proc.process.poll() is None:
+            proc.kill()
+    assert stopped == [True]
+    assert (code, capsys.readouterr().err) == (0, "")
+    seqs = [int(line) for line in out.getvalue().splitlines()]
+    journaled = {r["seq"]: r["text"] for r in read_journal(proc.journal)
+                 if r["event"] == "message"}
+    assert [journaled[seq] for seq in seqs] == ["first", "second"]

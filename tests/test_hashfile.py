@@ -261,6 +261,96 @@ def test_passwd_prompts_twice(tmp_path):
     assert path.read_text() == content
 
 
+def no_prompt(text):
+    """A getpass stand-in for runs that must stop before asking for the password."""
+    raise AssertionError(f"prompted for the password: {text!r}")
+
+
+def test_passwd_names_a_missing_directory_before_prompting(tmp_path, capsys):
+    """A PATH in a directory that does not exist fails with one line naming the
+    directory and the mkdir that fixes it, exit 1, before the password is asked
+    for, and creates nothing."""
+    directory = tmp_path / "etc" / "cserver"
+    assert passwd.main([str(directory / "passwd"), "alice"], prompt=no_prompt) == 1
+    assert capsys.readouterr().err == (
+        f"cserver-passwd: the directory {directory} does not exist "
+        f"(create it first: mkdir -p {directory})\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_passwd_refuses_a_directory_as_path_before_prompting(tmp_path, capsys):
+    """A PATH that is a directory fails with one line saying so and suggesting a
+    file in it, exit 1, before the password is asked for; the directory stays
+    empty."""
+    directory = tmp_path / "cserver"
+    directory.mkdir()
+    assert passwd.main([str(directory), "alice"], prompt=no_prompt) == 1
+    assert capsys.readouterr().err == (
+        f"cserver-passwd: {directory} is a directory, not a hash file "
+        f"(name a file in it, e.g. {directory / 'passwd'})\n")
+    assert os.listdir(directory) == []
+
+
+@pytest.mark.parametrize("under", [["passwd"], ["cserver", "passwd"]])
+def test_passwd_refuses_a_path_under_a_file_before_prompting(tmp_path, capsys, under):
+    """A PATH whose directory is a file, or lies under one, fails with one line
+    naming that file, exit 1, before the password is asked for; the file is
+    untouched."""
+    (tmp_path / "etc").write_text("keep\n")
+    path = tmp_path.joinpath("etc", *under)
+    assert passwd.main([str(path), "alice"], prompt=no_prompt) == 1
+    assert capsys.readouterr().err == (
+        f"cserver-passwd: {tmp_path / 'etc'} is not a directory\n")
+    assert (tmp_path / "etc").read_text() == "keep\n"
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A directory this process cannot create files in: mode 0555, or for root (whom
+    modes do not stop) the immutable attribute, where chattr can set it."""
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    if os.geteuid() == 0:
+        done = subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip("running as root and chattr +i is not available")
+        yield directory
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+    else:
+        directory.chmod(0o555)
+        yield directory
+        directory.chmod(0o755)
+
+
+def test_passwd_names_an_unwritable_directory_before_prompting(unwritable, capsys):
+    """A PATH in a directory this user cannot write to fails with one line naming
+    the directory (not a temporary file), exit 1, before the password is asked
+    for."""
+    path = unwritable / "passwd"
+    assert passwd.main([str(path), "alice"], prompt=no_prompt) == 1
+    assert capsys.readouterr().err == (
+        f"cserver-passwd: cannot write to the directory {unwritable} "
+        "(the file is replaced by a new one made there): permission denied\n")
+    assert os.listdir(unwritable) == []
+
+
+def test_passwd_names_the_directory_when_the_temporary_file_fails(tmp_path, monkeypatch,
+                                                                 capsys):
+    """If making the temporary file fails after the checks passed (the directory
+    changed meanwhile, a read-only mount...), the one line names the directory and
+    the reason, never the temporary file's name."""
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied",
+                              os.path.join(kwargs["dir"], ".cserver-passwd-x1y2"))
+
+    monkeypatch.setattr(passwd.tempfile, "mkstemp", refuse)
+    assert add_user(tmp_path / "passwd", "alice", "pw") == 1
+    assert capsys.readouterr().err == (
+        f"cserver-passwd: cannot create a file in the directory {tmp_path}: "
+        "Permission denied\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_passwd_command_reads_stdin(tmp_path):
     """`python -m cserver.passwd PATH USER --stdin` hashes the first stdin line
     (its line end dropped) and the result verifies."""
