@@ -1,6 +1,6 @@
 """A slow disk: where the journal is fdatasync'd, ``--sync reactor|thread|auto``.
 
-Builds tests/fsync_fault.c, the LD_PRELOAD shim of the fsync tests, which
+Builds tests/e2e/fsync_fault.c, the LD_PRELOAD shim of the fsync tests, which
 here makes every fdatasync of the server sleep DELAY ms before the real one
 (a slower disk than this one).  For each DELAY in ``--delays`` (0 is this
 disk as it is) and each ``--sync`` mode, it starts ``twistd -n cserver`` with
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _servers  # noqa: E402
 
-SHIM = os.path.join(_servers.REPO, "tests", "fsync_fault.c")
+SHIM = os.path.join(_servers.REPO, "tests", "e2e", "fsync_fault.c")
 MODES = ("reactor", "thread", "auto")
 
 
