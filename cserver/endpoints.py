@@ -93,9 +93,8 @@ def check_server(value, option="--port"):
                          "pip install 'cserver[tls]'")
     if kind in ("tcp", "tcp6", "ssl"):
         port = keywords.get("port", positional[0] if positional else None)
-        if port is not None and port.strip().isdigit() and not 0 <= int(port) <= 65535:
-            raise ValueError(f"{option} {value}: the port must be 0-65535, not {port}")
-        if port is not None and port.strip().startswith("-"):
+        if (port is not None and re.fullmatch(r"\s*-?\d+\s*", port)
+                and not 0 <= int(port) <= 65535):
             raise ValueError(f"{option} {value}: the port must be 0-65535, not {port}")
     try:
         serverFromString(MemoryReactor(), value)

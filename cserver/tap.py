@@ -332,12 +332,9 @@ def listen_now(service, description, option):
 
     try:
         service.listen()
-    except CannotListenError as e:
+    except (CannotListenError, OSError) as e:
         raise SystemExit(f"cserver: cannot listen on {description} ({option}): "
                          f"{describe_listen_error(e)}") from None
-    except OSError as e:
-        raise SystemExit(f"cserver: cannot listen on {description} ({option}): "
-                         f"{e.strerror or e}") from None
 
 
 def describe_listen_error(error):

@@ -169,32 +169,25 @@ class FailureLog:
     _skipped: int = 0
 
     def failed(self, user, peer, why):
-        self._roll()
+        self.flush()
+        if self._start is None:
+            self._start = self.clock.seconds()
         if self._logged < self.burst:
             self._logged += 1
             _log.info("AUTH failed for user {user!r} from {peer}: {why}", user=user,
-                          peer=peer, why=why)
+                      peer=peer, why=why)
         else:
             self._skipped += 1
 
-    def _roll(self):
-        now = self.clock.seconds()
-        if self._start is not None and now - self._start < self.window:
-            return
-        if self._skipped:
-            _log.info("{count} more failed AUTHs in {seconds:g} s were not logged",
-                          count=self._skipped, seconds=self.window)
-        self._start = now
-        self._logged = self._skipped = 0
-
     def flush(self, stopping=False):
         """
-        Say how many were left out, once their window is over (the periodic
-        sweep) or at once (``stopping``).
+        End the window once it is over (the periodic sweep, the next failure)
+        or at once (``stopping``), saying how many were left out, if any.
         """
-        if not self._skipped or self._start is None:
+        if self._start is None:
             return
         if stopping or self.clock.seconds() - self._start >= self.window:
-            _log.info("{count} more failed AUTHs were not logged", count=self._skipped)
+            if self._skipped:
+                _log.info("{count} more failed AUTHs were not logged", count=self._skipped)
             self._start = None
             self._logged = self._skipped = 0
