@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from cserver.journal import FileJournal
 
-from .server_process import ServerProcess
+from .server_process import ServerProcess, kill_quietly, worker_pids
 
 
 @pytest.fixture
@@ -44,7 +44,8 @@ def open_journal(path, clock):
 def server(tmp_path):
     """
     Start real servers (users alice and bob) in ``tmp_path``: ``server(*options,
-    journal=None)``; every one still running is killed after the test.
+    journal=None)``; every one still running is killed after the test, with its
+    workers.
     """
     servers = []
 
@@ -55,8 +56,11 @@ def server(tmp_path):
 
     yield start
     for process in servers:
+        pids = worker_pids(process)
         if process.process.poll() is None:
             process.kill()
+        for pid in pids.values():
+            kill_quietly(pid)
 
 
 @pytest.fixture

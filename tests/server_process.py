@@ -248,3 +248,39 @@ class Load:
         self._halt.set()
         for thread in self._threads:
             thread.join(30)
+
+
+_WORKER_STARTED = re.compile(r"worker (\d+) started, pid (\d+)")
+
+
+def worker_pids(process):
+    """The pid of each worker index of a --workers server, the newest one its parent
+    logged."""
+    pids = {}
+    for line in list(process.output):
+        match = _WORKER_STARTED.search(line)
+        if match:
+            pids[int(match.group(1))] = int(match.group(2))
+    return pids
+
+
+def running(pid):
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_quietly(pid):
+    """SIGKILL ``pid`` if it still runs."""
+    if running(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

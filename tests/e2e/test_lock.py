@@ -15,12 +15,12 @@ from cserver.lock import JournalInUse, JournalLock
 
 from ..server_process import (
     Load,
-    ServerProcess,
     check_journal,
     read_journal,
     run_twistd,
+    worker_pids,
 )
-from .test_workers import _wait_gone, _wait_serving, worker_pids
+from .test_workers import _wait_gone, _wait_serving
 
 # -- the lock and a process that holds it ---------------------------------------------------
 
@@ -75,40 +75,19 @@ def _refused(directory, journal, *args):
     return lines[0]
 
 
-@pytest.fixture
-def servers(tmp_path):
-    started = []
-
-    def start(*args, journal=None):
-        process = ServerProcess(tmp_path, "--users", "alice,bob", *args, journal=journal)
-        started.append(process)
-        return process.start()
-
-    yield start
-    for process in started:
-        pids = worker_pids(process)
-        if process.process.poll() is None:
-            process.kill()
-        for pid in pids.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.mark.parametrize("first, second", [
     ((), ()),
     (("--workers", "2"), ("--workers", "2")),
     ((), ("--workers", "2")),
     (("--workers", "2"), ()),
 ], ids=["single-single", "workers-workers", "single-workers", "workers-single"])
-def test_a_second_server_on_a_journal_in_use_refuses_to_start(tmp_path, servers, first,
+def test_a_second_server_on_a_journal_in_use_refuses_to_start(tmp_path, server, first,
                                                               second):
     """A second server (another port, the same --journal) started while one runs exits 1
     with one line naming the journal and the running server's pid; it writes nothing (not
     even a start record) and leaves no file; the first keeps serving, and the journal
     stays valid with every acknowledged message in it exactly once."""
-    running = servers(*first)
+    running = server(*first)
     if "--workers" in first:
         _wait_serving(running)
     load = Load(running.port, 4, 40).start()
@@ -131,15 +110,15 @@ def test_a_second_server_on_a_journal_in_use_refuses_to_start(tmp_path, servers,
     assert not os.path.exists(running.journal + ".lock")
 
 
-def test_after_kill_9_of_the_holder_a_new_server_takes_over(tmp_path, servers):
+def test_after_kill_9_of_the_holder_a_new_server_takes_over(tmp_path, server):
     """kill -9 of the server holding the journal frees it: a new server on it starts,
     recovers every acknowledged message and appends after them."""
-    first = servers()
+    first = server()
     load = Load(first.port, 4, 40).start()
     assert load.enough.wait(30)
     first.kill()
     load.stop()
-    second = servers(journal=first.journal)
+    second = server(journal=first.journal)
     client = second.connect()
     client.request("AUTH alice")
     assert client.request("MSG after takeover").startswith("OK ")
@@ -150,10 +129,10 @@ def test_after_kill_9_of_the_holder_a_new_server_takes_over(tmp_path, servers):
 
 
 def test_after_kill_9_of_a_workers_parent_the_journal_is_free_once_its_workers_exit(
-        tmp_path, servers):
+        tmp_path, server):
     """kill -9 of a --workers parent: its workers hold the lock while they answer their
     last MSGs; once they have exited, a new server takes the journal over."""
-    first = servers("--workers", "2")
+    first = server("--workers", "2")
     _wait_serving(first)
     pids = worker_pids(first)
     load = Load(first.port, 4, 40, stopping_ends=True).start()
@@ -161,16 +140,16 @@ def test_after_kill_9_of_a_workers_parent_the_journal_is_free_once_its_workers_e
     first.kill()
     load.stop()
     assert _wait_gone(pids.values(), 20)
-    second = servers("--workers", "2", journal=first.journal)
+    second = server("--workers", "2", journal=first.journal)
     _wait_serving(second)
     assert second.stop() == 0
     check_journal(read_journal(first.journal), load.acked)
 
 
-def test_a_reopen_carries_the_lock_to_the_new_file(tmp_path, servers):
+def test_a_reopen_carries_the_lock_to_the_new_file(tmp_path, server):
     """After a rotation (rename, SIGHUP) the new file at the journal's path is still
     covered: a second server on that path is refused."""
-    running = servers()
+    running = server()
     client = running.connect()
     client.request("AUTH alice")
     assert client.request("MSG before").startswith("OK ")
@@ -184,10 +163,10 @@ def test_a_reopen_carries_the_lock_to_the_new_file(tmp_path, servers):
     assert [r["event"] for r in read_journal(running.journal)] == ["reopen", "message", "stop"]
 
 
-def test_the_journal_tools_read_a_live_journal(tmp_path, servers):
+def test_the_journal_tools_read_a_live_journal(tmp_path, server):
     """cserver-journal verify, stats, text and tail read the journal of a running server
     (they take no lock), and the server goes on serving."""
-    running = servers()
+    running = server()
     client = running.connect()
     client.request("AUTH alice")
     assert client.request("MSG live").startswith("OK ")

@@ -23,10 +23,13 @@ from twisted.python.failure import Failure
 
 from cserver.workers import reuseport_sockets
 
-from ..server_process import Load, ServerProcess, check_journal, read_journal
-
-_STARTED = re.compile(r"worker (\d+) started, pid (\d+)")
-
+from ..server_process import (
+    Load,
+    check_journal,
+    read_journal,
+    running,
+    worker_pids,
+)
 
 # -- restarts and sockets ----------------------------------------------------------------
 
@@ -91,61 +94,18 @@ def test_reuseport_sockets_share_one_port():
 # -- end to end ---------------------------------------------------------------------------
 
 @pytest.fixture
-def server(tmp_path):
-    servers = []
-
-    def start(*args):
-        process = ServerProcess(tmp_path, "--users", "alice,bob", "--workers", "2", *args)
-        servers.append(process)
-        return process.start()
-
-    yield start
-    for process in servers:
-        pids = worker_pids(process)
-        if process.process.poll() is None:
-            process.kill()
-        for pid in pids.values():
-            _kill_quietly(pid)
-
-
-def worker_pids(process):
-    """The pid of each worker index, the newest one the parent logged."""
-    pids = {}
-    for line in list(process.output):
-        match = _STARTED.search(line)
-        if match:
-            pids[int(match.group(1))] = int(match.group(2))
-    return pids
-
-
-def _running(pid):
-    """Whether ``pid`` is a live process (a zombie is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def server(server):
+    """conftest's real servers, each with --workers 2."""
+    return lambda *args: server("--workers", "2", *args)
 
 
 def _wait_gone(pids, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(_running(pid) for pid in pids):
+        if not any(running(pid) for pid in pids):
             return True
         time.sleep(0.05)
     return False
-
-
-def _kill_quietly(pid):
-    if _running(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _stats_of_worker(process, index, tries=200):
@@ -315,11 +275,11 @@ def test_sigterm_acks_inflight_writes_one_stop_record_and_leaves_no_worker(serve
     assert records[-1]["served"] == 1 and records[-1]["total"] == 1
 
 
-def test_sigkill_of_the_parent_leaves_no_worker_running(server):
+def test_sigkill_of_the_parent_leaves_no_workerrunning(server):
     """kill -9 of the parent: the workers see their stdin close and exit within seconds."""
     process = server()
     pids = worker_pids(process)
     _wait_serving(process)
-    assert len(pids) == 2 and all(_running(pid) for pid in pids.values())
+    assert len(pids) == 2 and all(running(pid) for pid in pids.values())
     process.kill()
     assert _wait_gone(pids.values(), 10), "a worker outlived its parent"
