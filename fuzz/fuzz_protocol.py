@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the line protocol with atheris (libFuzzer).
 
-Each input drives one server factory as tests/test_fuzz.py builds it (a
+Each input drives one server factory as tests/unit/test_fuzz.py builds it (a
 MemoryJournal on a ``task.Clock``, the allow-list portal for alice and bob,
 ``--max-line`` 100) with 1-3 connections over StringTransport: an
 ``atheris.FuzzedDataProvider`` cuts the input into chunks, each handed to one

@@ -1,6 +1,6 @@
 """A reference model of the protocol, and the checks of the real one against it.
 
-Shared by the hypothesis tests (tests/test_fuzz.py) and the atheris harness
+Shared by the hypothesis tests (tests/unit/test_fuzz.py) and the atheris harness
 (fuzz/fuzz_protocol.py): connections to one factory (an in-memory journal on a
 ``task.Clock``, the allow-list portal) are fed byte chunks, with journal
 flushes -- some of them failing -- in between, and a small model of

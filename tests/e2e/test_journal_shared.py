@@ -54,10 +54,11 @@ def _append_forever(path, shared, report_path, tag, fsync):
 
 def test_writers_killed_at_random_lose_no_acked_record(path, shared, tmp_path):
     """Two writer processes append while one or the other is SIGKILLed at
-    random (100 kills; every 10th kills both, the second while it writes):
-    at each of those checkpoints, once one more write has repaired what the
-    victims left, the file is a valid journal with contiguous seqs, and every
-    record any writer reported acked is in it, at its seq."""
+    random (100 kills; every 10th kills both, the second while it writes),
+    each once it has reported an ack: at each of those checkpoints, once one
+    more write has repaired what the victims left, the file is a valid
+    journal with contiguous seqs, and every record any writer reported acked
+    is in it, at its seq."""
     SharedFileJournal.prepare(path, shared)
     rng = random.Random(4)
     reports = {}  # report file: how much of it is checked
@@ -75,26 +76,32 @@ def test_writers_killed_at_random_lose_no_acked_record(path, shared, tmp_path):
                                 "always" if tag % 4 == 0 else "never")
             finally:
                 os._exit(1)
-        return pid
+        return pid, report_path
 
-    def kill(pid):
+    def kill(child, mid_batch=False):
+        pid, report_path = child
+        # However loaded the machine, each victim has acked something first
+        # (polled: the report file is the writer's only sign of progress).
+        while not os.path.exists(report_path) or not os.path.getsize(report_path):
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "a writer died on its own"
+            time.sleep(0.001)
+        if mid_batch:
+            # Aim at the lock holder: give it up to 100 tries to be writing.
+            for _ in range(100):
+                if shared.header.busy == pid:
+                    break
+                time.sleep(0.001)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 
     children = [spawn(), spawn()]
-    deadline = time.monotonic() + 8
     acked = busy = 0
     try:
         for round_ in range(1, 101):
-            assert time.monotonic() < deadline
             time.sleep(rng.uniform(0, 0.01))
             kill(children.pop(rng.randrange(len(children))))
             if round_ % 10 == 0:
-                # Aim at the lock holder: wait until the survivor writes.
-                spin = time.monotonic() + 0.1
-                while shared.header.busy != children[0] and time.monotonic() < spin:
-                    pass
-                kill(children.pop())
+                kill(children.pop(), mid_batch=True)
                 busy += shared.header.busy != 0
                 acked += _check_after_kills(path, shared, reports)
                 if round_ == 100:
@@ -102,10 +109,11 @@ def test_writers_killed_at_random_lose_no_acked_record(path, shared, tmp_path):
                 children.append(spawn())
             children.append(spawn())
     finally:
-        for pid in children:
-            kill(pid)
+        for pid, _ in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     assert busy > 0, "no checkpoint found a writer killed mid-batch"
-    assert acked > 1000
+    assert acked >= 110, "each of the 110 victims reported at least one ack"
     # The records acked before a checkpoint are still there at the end.
     reports = dict.fromkeys(reports, 0)
     assert _check_after_kills(path, shared, reports) == acked
