@@ -18,7 +18,7 @@ import time
 
 from recovery_bench import journal_main, write_journal
 
-from cserver.recovery import check
+from cserver.journal.recovery import check
 
 COMMANDS = [
     ["verify"],

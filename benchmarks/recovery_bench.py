@@ -22,7 +22,7 @@ import time
 from twisted.internet.task import Clock
 
 from cserver.journal import EVENT, FIELDS, FileJournal
-from cserver.recovery import recover
+from cserver.journal.recovery import recover
 
 BAR = 2.0
 USERS = ["alice", "bob", "carol", "dave", "eve", "zoë", 'q"uote', "😀"]

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from cserver.auth import allow_list_portal
-from cserver.journal import MemoryJournal
+from cserver.testing import MemoryJournal
 from cserver.server import CServerFactory, Limits
 
 

@@ -189,7 +189,7 @@ class Run:
         journal = self.journal
         journal.fail_writes = OSError(errno.ENOSPC, "No space") if failure == "write" else None
         journal.fail_syncs = OSError(errno.EIO, "I/O error") if failure == "sync" else None
-        if failure is not None and journal.broken is None and not journal._lines:
+        if failure is not None and journal.broken is None and not journal._bodies:
             failure = None  # nothing to write this turn, so nothing fails
         if journal.broken is not None:
             failure = "sync"

@@ -1,4 +1,4 @@
-"""Tests for cserver.journal_cli (``cserver-journal``) through ``python -m``:
+"""Tests for cserver.journal.cli (``cserver-journal``) through ``python -m``:
 verify, and tail -f, on journals written by the real FileJournal.
 
 End-to-end layer: the tool as a real process (through ``main(argv)`` it is
@@ -26,12 +26,12 @@ def journal(tmp_path):
 
 def test_cli_subprocess_tail_follow(journal):
     """
-    ``python -m cserver.journal_cli tail -f`` as a real process: prints the
+    ``python -m cserver.journal.cli tail -f`` as a real process: prints the
     last record, then a record appended, then one written to a new file
     after the journal is renamed; exits 0 at the end of ``--for``.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "cserver.journal_cli", "tail", "-n", "1", "-f", "--for", "5",
+        [sys.executable, "-m", "cserver.journal.cli", "tail", "-n", "1", "-f", "--for", "5",
          "--interval", "0.05", journal],
         stdout=subprocess.PIPE,
     )
@@ -52,10 +52,10 @@ def test_cli_subprocess_tail_follow(journal):
 
 def test_cli_subprocess_verify(journal, tmp_path):
     """
-    ``python -m cserver.journal_cli verify``: exit status 0 on a valid
+    ``python -m cserver.journal.cli verify``: exit status 0 on a valid
     journal, 2 on a missing one.
     """
-    command = [sys.executable, "-m", "cserver.journal_cli", "verify"]
+    command = [sys.executable, "-m", "cserver.journal.cli", "verify"]
     ok = subprocess.run([*command, journal], capture_output=True, check=False)
     assert (ok.returncode, ok.stdout.endswith(b"bytes\n")) == (0, True)
     missing = subprocess.run([*command, str(tmp_path / "nope")], capture_output=True,

@@ -15,7 +15,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from cserver.journal import EVENT, SharedFileJournal
-from cserver.shared import Shared
+from cserver.journal.header import Shared
 
 from ..unit.test_journal import message
 from ..unit.test_journal_shared import assert_valid

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cserver.lock import JournalInUse, JournalLock
+from cserver.journal.lock import JournalInUse, JournalLock
 
 from ..server_process import (
     Load,
@@ -29,7 +29,7 @@ def test_kill_9_of_the_holder_releases_the_lock(path):
     """A process holding the lock and killed with SIGKILL leaves the lock free."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from cserver.lock import JournalLock; "
+         "import sys, time; from cserver.journal.lock import JournalLock; "
          f"JournalLock.acquire({path!r}); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
@@ -172,14 +172,14 @@ def test_the_journal_tools_read_a_live_journal(tmp_path, server):
     assert client.request("MSG live").startswith("OK ")
 
     def tool(*args):
-        return subprocess.run([sys.executable, "-m", "cserver.journal_cli", *args],
+        return subprocess.run([sys.executable, "-m", "cserver.journal.cli", *args],
                               capture_output=True, text=True, timeout=30)
 
     assert tool("verify", running.journal).returncode == 0
     assert "message" in tool("stats", running.journal).stdout
     assert '"live"' in tool("text", running.journal).stdout
     assert '"text":"live"' in tool("tail", "-n", "1", running.journal).stdout
-    follow = subprocess.Popen([sys.executable, "-m", "cserver.journal_cli", "tail", "-n", "0",
+    follow = subprocess.Popen([sys.executable, "-m", "cserver.journal.cli", "tail", "-n", "0",
                                "-f", running.journal], stdout=subprocess.PIPE, text=True)
     try:
         _wait_open(follow.pid, running.journal)

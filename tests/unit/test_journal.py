@@ -32,10 +32,10 @@ from cserver.journal import (
     AutoSyncer,
     FileJournal,
     IJournal,
-    MemoryJournal,
     SyncThread,
 )
-from cserver.recovery import Recovery, recover
+from cserver.journal.recovery import Recovery, recover
+from cserver.testing import MemoryJournal
 
 from .base import JournalCase
 

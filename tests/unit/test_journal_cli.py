@@ -16,9 +16,9 @@ from io import BytesIO, StringIO
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver import journal_cli
 from cserver.journal import EVENT, FIELDS, FileJournal
-from cserver.recovery import Recovery, check, recover
+from cserver.journal import cli as journal_cli
+from cserver.journal.recovery import Recovery, check, recover
 
 from .base import Temporary
 

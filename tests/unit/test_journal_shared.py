@@ -26,8 +26,8 @@ from cserver.journal import (
     IJournal,
     SharedFileJournal,
 )
-from cserver.recovery import recover
-from cserver.shared import Shared
+from cserver.journal.header import Shared
+from cserver.journal.recovery import recover
 
 from .base import JournalCase
 from .test_journal import NASTY, Acks, Cases, ManualSyncer, message, read_records

@@ -1,4 +1,4 @@
-"""One writer per journal: the lock (cserver.lock) alone.
+"""One writer per journal: the lock (cserver.journal.lock) alone.
 
 Unit layer: locks taken and refused in this process, on files in a temporary
 directory (a holder killed with SIGKILL and second real servers are in
@@ -10,8 +10,8 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver import lock as lock_module
-from cserver.lock import JournalInUse, JournalLock, lock_path_for
+from cserver.journal import lock as lock_module
+from cserver.journal.lock import JournalInUse, JournalLock, lock_path_for
 
 from .base import JournalCase
 

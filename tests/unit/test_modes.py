@@ -12,9 +12,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from cserver.journal import FileJournal, SharedFileJournal
-from cserver.lock import JournalLock
-from cserver.recovery import recover
-from cserver.shared import Shared
+from cserver.journal.header import Shared
+from cserver.journal.lock import JournalLock
+from cserver.journal.recovery import recover
 
 from .base import JournalCase
 

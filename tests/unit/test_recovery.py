@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver.journal import EVENT, FIELDS, FileJournal, MemoryJournal
-from cserver.recovery import CHUNK, JournalDamaged, Recovery, recover
+from cserver.journal import EVENT, FIELDS, FileJournal
+from cserver.journal.recovery import CHUNK, JournalDamaged, Recovery, recover
+from cserver.testing import MemoryJournal
 
 from .base import JournalCase
 from .test_journal import Cases
@@ -100,7 +101,12 @@ DAMAGED = {
     "zeros-line": (R1 + b"\x00" * 10 + b"\n" + R2, len(R1), "not a valid record"),
     "crlf": (R1[:-1] + b"\r\n" + R2, 0, "not a valid record"),
     "seq-zero": (line(0) + R1, 0, "not a valid record"),
-    "bad-json": (R1 + R2.replace(b'"user":', b'"user" :') + R3, len(R1), "not a valid record"),
+    "bad-json": (R1 + R2.replace(b'"user":', b'"user";') + R3, len(R1), "not a valid record"),
+    "no-time": (R1 + R2.replace(b'"time":', b'"when":') + R3, len(R1), "not a valid record"),
+    "seq-a-string": (R1 + R2.replace(b'"seq":2', b'"seq":"2"') + R3, len(R1),
+                     "not a valid record"),
+    "event-not-a-name": (R1 + R2.replace(b'"event":"message"', b'"event":"Message!"') + R3,
+                         len(R1), "not a valid record"),
     "seq-gap": (R1 + R2 + R4, len(R1 + R2), "seq 4 where 3 was expected"),
     "duplicate-seq": (R1 + R2 + R2, len(R1 + R2), "seq 2 where 3 was expected"),
     "seq-backwards": (R1 + R2 + R3 + R2, len(R1 + R2 + R3), "seq 2 where 4 was expected"),
@@ -384,6 +390,18 @@ class DamageTests(Cases, JournalCase, SynchronousTestCase):
             with self.assertRaises(JournalDamaged) as caught:
                 recover(path, chunk_size=chunk_size)
             assert caught.exception.offset == len(before)
+
+    def test_a_record_in_another_json_spelling_is_a_record(self):
+        """A line the server would have written more compactly -- spaces between tokens, its
+        keys after seq in another order -- is still a valid record (the server writes only the
+        compact form; recovery reads any JSON object with the four keys)."""
+        path = self.path
+        spaced = R2.replace(b'"user":', b'"user" : ').replace(b'"pid":', b'"pid": ')
+        reordered = R3.replace(b'"time":', b'"x":').replace(b'"event":', b'"time":1.5,"event":')
+        write(path, R1 + spaced + reordered)
+        result = recover(path)
+        assert (result.records, result.last_seq, result.messages) == (3, 3, 3)
+        assert result.torn_bytes == 0
 
     def test_journal_damaged_message_names_path_offset_and_reassures(self):
         """The error reads: journal PATH is damaged at byte N: why; the file was left as it is."""

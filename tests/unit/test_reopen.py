@@ -17,7 +17,7 @@ from unittest import skipIf
 from twisted.trial.unittest import SynchronousTestCase
 
 from cserver.journal import AutoSyncer, SyncThread
-from cserver.recovery import recover
+from cserver.journal.recovery import recover
 
 from .base import JournalCase
 from .test_journal import Acks, ManualSyncer, Syscalls, message, read_records

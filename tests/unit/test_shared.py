@@ -6,7 +6,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver.shared import SLOT_FIELDS, Shared
+from cserver.journal.header import SLOT_FIELDS, Shared
 
 
 class SegmentTests(SynchronousTestCase):

@@ -1,0 +1,184 @@
+"""The record format: the one definition that every writer, recovery and
+``cserver-journal`` use.
+
+A journal is JSON Lines: each record is one flat JSON object on one line,
+UTF-8, whose first keys are ``seq`` (1, 2, 3... with no gap), ``time`` (Unix
+seconds, a float), ``event`` (``message``, ``start``, ``stop``,
+``auth_failed``, ``reopen``...) and ``pid`` (the process that wrote it),
+followed by the event's own fields -- for a message ``user``, ``text`` and
+``peer``::
+
+    {"seq":7,"time":1764750000.123456,"event":"message","pid":4242,"user":"alice","text":"hi","peer":"127.0.0.1:50000"}
+
+A record is made in two steps: its *body* (the object without ``seq``) when
+the journal takes the event, and its line (:func:`numbered`) when the batch
+is written and the seq is known -- which, with ``--workers``, is only under
+the journal file's lock.
+
+Encoding and decoding go through msgspec: the bytes are those of
+``json.dumps(..., ensure_ascii=False, separators=(",", ":"))`` (strings keep
+their Unicode; quotes, backslashes and C0 controls are escaped), except that
+a float written in exponent form loses the ``+`` and the leading zero of its
+exponent (``1e16`` for ``1e+16``), which no record the server writes holds
+(``time`` is always in plain form) and which every JSON reader takes alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+import msgspec
+
+#: The event key naming the record's kind: message, auth_failed, start, stop.
+EVENT = "cserver_event"
+#: The event key holding the acknowledgement callable ``ack(seq, reason)``.
+ACK = "cserver_ack"
+#: The event key holding the fields of a record other than a message.
+FIELDS = "cserver_fields"
+#: How a message event reads in a text log.
+MESSAGE_FORMAT = "server recvd message {text!r} from user {user}"
+
+_encode = msgspec.json.Encoder().encode
+
+
+def message_body(time: float, pid: int, user: str, text: str, peer: str) -> bytes:
+    """
+    A message record without its ``seq``: ``{"time":...,"peer":"..."}``.
+
+    :raises TypeError: ``user``, ``text`` or ``peer`` is not a str.
+    :raises UnicodeEncodeError: a string holds a lone surrogate.
+    """
+    if type(user) is not str or type(text) is not str or type(peer) is not str:
+        raise TypeError("a message's user, text and peer are str")
+    return _encode(
+        {"time": time, "event": "message", "pid": pid, "user": user, "text": text, "peer": peer}
+    )
+
+
+def record_body(time: float, kind: str, pid: int, fields: dict[str, Any] | None) -> bytes:
+    """
+    A record other than a message (``start``, ``stop``, ``reopen``...)
+    without its ``seq``: ``time``, ``event``, ``pid``, then ``fields`` in
+    their order.
+
+    :raises TypeError: a field's value is not JSON.
+    """
+    if fields:
+        return _encode({"time": time, "event": kind, "pid": pid, **fields})
+    return _encode({"time": time, "event": kind, "pid": pid})
+
+
+def numbered(seq: int, body: bytes) -> bytes:
+    """
+    The record's line: ``body`` with ``seq`` as its first key, and a newline.
+    """
+    return b'{"seq":%d,%b\n' % (seq, body[1:])
+
+
+def batch(first: int, bodies: list[bytes]) -> bytes:
+    """
+    The lines of ``bodies`` numbered from ``first``, joined: one write.
+    """
+    return b"".join([b'{"seq":%d,%b\n' % (first + index, body[1:])
+                     for index, body in enumerate(bodies)])
+
+
+# -- reading ------------------------------------------------------------------
+
+
+class Head(msgspec.Struct, gc=False):
+    """
+    What recovery reads of a record: the four keys every record starts
+    with, and ``user`` (a message's; other records' ``user`` is read too, and
+    ignored).  Other fields are parsed (the line must be valid JSON) and
+    dropped.
+    """
+
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    time: float
+    event: Annotated[str, msgspec.Meta(pattern="^[a-z_]+$")]
+    pid: Annotated[int, msgspec.Meta(ge=0)]
+    user: Any = None
+
+
+_heads = msgspec.json.Decoder(Head)
+#: Decode one record's line (bytes) as a :class:`Head`.
+decode_head = _heads.decode
+#: Decode a block of whole lines as a list of :class:`Head`; a block that
+#: is not all records raises :class:`DecodeError`.
+decode_heads = _heads.decode_lines
+#: What :func:`decode_head` and :func:`decode_heads` raise on anything but
+#: a valid record.
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+
+#: How every line starts.
+START = b'{"seq":'
+#: A record's head, with its seq and its time as written: on a validated
+#: journal each match is a record's start (``{"seq":`` cannot occur inside a
+#: string, whose quotes are escaped).
+HEAD = re.compile(rb'\{"seq":([0-9]++),"time":([-+.eE0-9]++),')
+#: On a validated journal: the event of each record that is not a message.
+OTHER_EVENTS = re.compile(
+    rb'\{"seq":[0-9]++,"time":[-+.eE0-9]++,"event":"(?!message")([a-z_]++)"')
+
+
+def read_head(line: bytes) -> Head | None:
+    """
+    The record that ``line`` (one line, with its newline) is, or None if it
+    is not one: not UTF-8, not JSON, or without the four keys.
+    """
+    if not line.startswith(START) or not line.endswith(b"}\n"):
+        return None
+    try:
+        line.decode("utf-8")
+        return decode_head(line)
+    except UnicodeDecodeError:
+        return None
+    except DECODE_ERRORS:
+        pass
+    # msgspec refuses an escaped lone surrogate ("\ud800"), which JSON's
+    # grammar allows and the json module reads.
+    try:
+        return msgspec.convert(json.loads(line), Head)
+    except (ValueError, msgspec.ValidationError):
+        return None
+
+
+def well_started(block: bytes, count: int) -> bool:
+    """
+    Whether the block of ``count`` decoded lines has exactly ``count`` lines,
+    each starting with ``{"seq":`` and ending with ``}`` (no blank line, no
+    other first key, no carriage return).
+    """
+    return (block.count(b"\n") == count and block.count(b"}\n") == count
+            and block.startswith(START) and block.count(b'\n{"seq":') == count - 1)
+
+
+class Number(str):
+    """
+    A JSON number with a fraction or exponent, kept as written.
+    """
+
+
+_objects = msgspec.json.Decoder(float_hook=Number)
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """
+    One journal line (with or without its newline) as a dict, numbers with a
+    fraction or exponent as :class:`Number` (their text as written).
+
+    :raises ValueError: it is not one JSON object.
+    """
+    try:
+        record = _objects.decode(line)
+    except msgspec.DecodeError:
+        try:  # an escaped lone surrogate: see read_head
+            record = json.loads(line, parse_float=Number)
+        except ValueError:
+            raise ValueError("not JSON") from None
+    if type(record) is not dict:
+        raise ValueError("not one JSON object")
+    return record
