@@ -1,9 +1,9 @@
-"""End-to-end tests for cserver.client: a real ``twistd -n cserver`` child process
-on loopback, driven by the ``cserver-client`` command line in child processes of its
-own (and once by run_session on the real reactor), and the import of cserver.client
-in a fresh interpreter.  The reply parsing, the client protocol, connect() and the
-CLI sessions against scripted servers on a memory reactor are tested in the unit
-layer, tests/unit/test_client.py."""
+"""End-to-end tests for cserver.client (.cli, .commands): a real ``twistd -n cserver``
+child process on loopback, driven by the ``cserver-client`` command line in child
+processes of its own (and once by run_session on the real reactor), and the import of
+every module of cserver.client in a fresh interpreter.  The reply parsing, the client
+protocol, connect() and the CLI sessions against scripted servers on a memory reactor
+are tested in the unit layer, tests/unit/test_client.py."""
 
 import io
 import json
@@ -16,8 +16,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from cserver import client
-from cserver.client import CserverClientProtocol
+from cserver.client.cli import build_parser
+from cserver.client.commands import run_session
+from cserver.client.protocol import CserverClientProtocol
 
 from ..server_process import ServerProcess, read_journal
 
@@ -25,8 +26,11 @@ E2E_USER = "tester"
 
 
 def test_module_does_not_import_the_global_reactor():
-    """Importing cserver.client (and cserver.bench) installs no reactor."""
-    code = ("import sys, cserver.client, cserver.bench; "
+    """Importing cserver.client and every one of its modules installs no reactor."""
+    code = ("import importlib, pkgutil, sys, cserver.client; "
+            "names = [m.name for m in pkgutil.iter_modules(cserver.client.__path__)]; "
+            "assert 'protocol' in names and 'child' in names, names; "
+            "[importlib.import_module('cserver.client.' + name) for name in names]; "
             "assert 'twisted.internet.reactor' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -156,11 +160,11 @@ async def test_e2e_send_exits_0_when_the_server_is_stopped_before_quit(tmp_path,
 
     monkeypatch.setattr(CserverClientProtocol, "quit", quit_once_the_server_has_stopped)
     try:
-        args = client.build_parser().parse_args(
+        args = build_parser().parse_args(
             ["send", "--port", str(proc.port), "--user", E2E_USER, "--timeout", "20",
              "first", "second"])
         out = io.StringIO()
-        code = await client.run_session(reactor, args, out)
+        code = await run_session(reactor, args, out)
         assert await deferToThread(proc.stop) == 0
     finally:
         if proc.process.poll() is None:

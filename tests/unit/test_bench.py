@@ -1,4 +1,6 @@
-"""Unit tests for cserver.bench: the barrier, phases, errors, open loop, and the report.
+"""Unit tests for cserver.client's bench: the barrier, phases, errors and open loop
+(.bench, .bench_protocol), the report (.report), the split over processes
+(.processes), the open-file limit (.local) and ``bench``'s exit statuses (.commands).
 
 The bench runs on a MemoryReactorClock; its connections are completed one by one
 with iosim.ConnectionCompleter against FakeServer, a small protocol v1 server
@@ -10,20 +12,28 @@ import errno
 import io
 import json
 import math
+import resource
 import sys
 
 import attrs
 from twisted.internet import error
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver import bench, client
-from cserver.bench import Bench, BenchConfig, RunResult
-from cserver.client import ServerError
+from cserver.client import commands
+from cserver.client.bench import Bench, BenchConfig, RunResult
+from cserver.client.bench_protocol import DONE, classify
+from cserver.client.cli import build_parser
+from cserver.client.local import ensure_open_files
+from cserver.client.processes import split
+from cserver.client.protocol import ServerError
+from cserver.client.report import format_table, make_report, percentiles
 
 
 class FakeServer(LineReceiver):
@@ -198,7 +208,7 @@ class BarrierTests(SynchronousTestCase):
         net.start(connections=6, messages=1)
         net.complete()
         assert (net.result.peak, net.result.server_connections) == (6, 6)
-        report = bench.make_report(net.bench.config, [net.result])
+        report = make_report(net.bench.config, [net.result])
         assert report.ok and report.peak == 6 and report.acked == 6
 
     def test_every_session_quits_after_its_replies_and_the_run_ends_on_close(self):
@@ -242,7 +252,7 @@ class BarrierTests(SynchronousTestCase):
         net.start(connections=2, messages=0)
         net.complete()
         assert net.server.verbs("MSG") == [] and len(net.server.verbs("QUIT")) == 2
-        assert bench.make_report(net.bench.config, [net.result]).ok
+        assert make_report(net.bench.config, [net.result]).ok
 
 
 class ErrorTests(SynchronousTestCase):
@@ -257,7 +267,7 @@ class ErrorTests(SynchronousTestCase):
         result = net.result
         assert result.errors == {"refused": 3} and result.authenticated == 0
         assert "could not open 3 sessions" in result.notes[0]
-        report = bench.make_report(net.bench.config, [result])
+        report = make_report(net.bench.config, [result])
         assert not report.ok and any("refused" in note for note in report.notes)
 
     def test_one_failure_before_the_barrier_closes_the_others_and_sends_nothing(self):
@@ -304,7 +314,7 @@ class ErrorTests(SynchronousTestCase):
         result = net.result
         assert result.errors == {"unavailable": 6} and result.acked == 0
         assert len(net.server.verbs("QUIT")) == 2
-        assert not bench.make_report(net.bench.config, [result]).ok
+        assert not make_report(net.bench.config, [result]).ok
 
 
 class WatchdogTests(SynchronousTestCase):
@@ -357,7 +367,7 @@ class WatchdogTests(SynchronousTestCase):
         result = net.result
         assert result.errors == {} and result.acked == 2 and result.failed == 0
         assert net.server.connections == 0
-        assert bench.make_report(net.bench.config, [result]).ok
+        assert make_report(net.bench.config, [result]).ok
 
     def test_abort_closes_sessions_that_have_not_ended(self):
         """abort() closes every session whose connection has not ended, whatever its
@@ -365,7 +375,7 @@ class WatchdogTests(SynchronousTestCase):
         net = Net(hold=True)
         b = net.start(connections=2, messages=1, timeout=5)
         net.complete()
-        b.sessions[0].state = bench.DONE  # done, but its connection is still open
+        b.sessions[0].state = DONE  # done, but its connection is still open
         b.abort("test")
         net.pump()
         assert net.server.connections == 0 and net.results
@@ -433,9 +443,6 @@ class WrappedTransportTests(SynchronousTestCase):
     def test_wrapping_transport_gets_the_bytes_not_the_raw_socket(self):
         """Under a wrapping transport (TLS is one), writes go through the wrapper, never
         straight to the socket found through the wrapper's attribute forwarding."""
-        from twisted.internet.address import IPv4Address
-        from twisted.protocols.policies import WrappingFactory
-
         b = Bench(BenchConfig(endpoint="e", user="alice", connections=1), MemoryReactorClock())
         wrapper = WrappingFactory(b).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = SocketTransport()
@@ -450,26 +457,26 @@ class ReportTests(SynchronousTestCase):
     def test_percentiles_nearest_rank(self):
         """p50/p90/p99/p99.9 use the nearest rank; values are reported in ms."""
         values = [i / 1000 for i in range(1, 1001)]
-        got = bench.percentiles(list(reversed(values)))
+        got = percentiles(list(reversed(values)))
         assert got == {"p50": 500.0, "p90": 900.0, "p99": 990.0, "p99.9": 999.0, "max": 1000.0}
-        assert bench.percentiles([0.002]) == {k: 2.0 for k in ("p50", "p90", "p99", "p99.9", "max")}
-        assert set(bench.percentiles([]).values()) == {None}
+        assert percentiles([0.002]) == {k: 2.0 for k in ("p50", "p90", "p99", "p99.9", "max")}
+        assert set(percentiles([]).values()) == {None}
 
     def test_classify_names_connection_failures(self):
         """Failures map to the codes the report uses: refused, limit, reset, closed, ..."""
-        assert bench.classify(Failure(error.ConnectionRefusedError())) == "refused"
-        assert bench.classify(error.ConnectBindError(errno.EMFILE, "x")) == "limit"
-        assert bench.classify(error.ConnectError(errno.EADDRNOTAVAIL, "x")) == "ports"
-        assert bench.classify(error.ConnectionLost()) == "reset"
-        assert bench.classify(error.ConnectionDone()) == "closed"
-        assert bench.classify(error.TimeoutError()) == "timeout"
-        assert bench.classify(ServerError("busy")) == "busy"
+        assert classify(Failure(error.ConnectionRefusedError())) == "refused"
+        assert classify(error.ConnectBindError(errno.EMFILE, "x")) == "limit"
+        assert classify(error.ConnectError(errno.EADDRNOTAVAIL, "x")) == "ports"
+        assert classify(error.ConnectionLost()) == "reset"
+        assert classify(error.ConnectionDone()) == "closed"
+        assert classify(error.TimeoutError()) == "timeout"
+        assert classify(ServerError("busy")) == "busy"
 
     def test_report_json_shape(self):
         """The JSON report has the keys the README names, latency_ms with p50..max, and the
         phase times in ms."""
         config = BenchConfig(endpoint="tcp:host=127.0.0.1:port=1", user="u", connections=2)
-        report = bench.make_report(config, [sample_result()])
+        report = make_report(config, [sample_result()])
         data = json.loads(json.dumps(attrs.asdict(report)))
         for key in ("connections", "acked", "errors", "peak", "total_ms", "msg_per_s",
                     "latency_ms", "connect_ms", "messages_ms", "quit_ms"):
@@ -486,7 +493,7 @@ class ReportTests(SynchronousTestCase):
         a = sample_result()
         b = sample_result(t0=9.9, t1=10.2, t2=10.5, t3=10.6, peak=4, errors={"unavailable": 1},
                           acked=1)
-        report = bench.make_report(config, [a, b], processes=2)
+        report = make_report(config, [a, b], processes=2)
         assert (report.acked, report.peak, report.errors) == (3, 4, {"unavailable": 1})
         assert math.isclose(report.total_ms, 700.0) and math.isclose(report.connect_ms, 300.0)
         assert math.isclose(report.messages_ms, 400.0) and not report.ok
@@ -495,7 +502,7 @@ class ReportTests(SynchronousTestCase):
         """The human report names every phase, the throughput, the percentiles, the
         connections the server had open at the barrier, and its peak since it started."""
         config = BenchConfig(endpoint="e", user="u", connections=2)
-        table = bench.format_table(bench.make_report(config, [sample_result(peak=7)]))
+        table = format_table(make_report(config, [sample_result(peak=7)]))
         for word in ("connect+auth", "messages", "quit", "total", "msg/s", "p99.9",
                      "2 connections open at the barrier", "peak 7 since server start"):
             assert word in table
@@ -513,13 +520,13 @@ class SplitTests(SynchronousTestCase):
                     f"duration={duration}")
             config = BenchConfig(endpoint="e", user="u", connections=connections, rate=rate,
                                  duration=duration)
-            parts = bench.split(config, processes)
+            parts = split(config, processes)
             assert sum(p.total_messages() for p in parts) == config.total_messages(), case
 
     def test_split_shares_connections_and_rate(self):
         """--processes: connections split evenly with distinct numbering, rate in proportion."""
         config = BenchConfig(endpoint="e", user="u", connections=10, rate=100.0)
-        parts = bench.split(config, 3)
+        parts = split(config, 3)
         assert [(p.connections, p.first) for p in parts] == [(4, 0), (3, 4), (3, 7)]
         assert math.isclose(sum(p.rate for p in parts), 100.0, rel_tol=1e-6, abs_tol=1e-12)
 
@@ -529,34 +536,32 @@ class OpenFileLimitTests(SynchronousTestCase):
 
     def test_open_file_limit_too_low_is_explained(self):
         """When the hard limit is below what N connections need, say so (no silent hang)."""
-        import resource
-
         calls = []
         self.patch(resource, "getrlimit", lambda what: (256, 512))
         self.patch(resource, "setrlimit", lambda what, limits: calls.append(limits))
-        message = bench.ensure_open_files(1000)
+        message = ensure_open_files(1000)
         assert calls == [(512, 512)]
         assert "1000 connections" in message and "ulimit -n" in message
-        assert bench.ensure_open_files(100) is None
+        assert ensure_open_files(100) is None
 
 
 class MainTests(Captured, SynchronousTestCase):
-    """bench.main: exit statuses and what it prints."""
+    """commands.run_bench: exit statuses and what it prints."""
 
     def test_main_refuses_more_processes_than_connections(self):
         """bench exits 2 with a message for --processes above --connections."""
         _stdout, stderr = self.capture()
-        args = client.build_parser().parse_args(["bench", "-c", "2", "--processes", "3"])
-        assert bench.main(args) == 2
+        args = build_parser().parse_args(["bench", "-c", "2", "--processes", "3"])
+        assert commands.run_bench(args) == 2
         assert "--processes" in stderr.getvalue()
 
     def test_main_reports_a_too_low_open_file_limit_as_json(self):
         """With --json, an open-file limit too low for N still ends in a JSON report with
         errors limit=N, and the exit status is 1."""
         stdout, stderr = self.capture()
-        self.patch(bench, "ensure_open_files", lambda n: "limit too low")
-        args = client.build_parser().parse_args(["bench", "-c", "30", "--json"])
-        assert bench.main(args) == 1
+        self.patch(commands, "ensure_open_files", lambda n: "limit too low")
+        args = build_parser().parse_args(["bench", "-c", "30", "--json"])
+        assert commands.run_bench(args) == 1
         out, err = stdout.getvalue(), stderr.getvalue()
         report = json.loads(out.splitlines()[-1])
         assert report["errors"] == {"limit": 30} and report["ok"] is False

@@ -1,12 +1,15 @@
-"""Unit tests for cserver.client: reply parsing, the client protocol on a
-StringTransport, connect() and the CLI sessions against scripted servers on a
-MemoryReactorClock, and the argument parser; no real socket or process.  The
+"""Unit tests for cserver.client.protocol, .commands (send, stats) and .cli: reply
+parsing, the client protocol on a StringTransport, connect() and the CLI sessions
+against scripted servers on a MemoryReactorClock, and the argument parser; no real
+socket or process.  The
 ``cserver-client`` command against a real ``twistd -n cserver`` is tested in the
 end-to-end layer, tests/e2e/test_client.py."""
 
+import ast
 import gc
 import getpass
 import io
+import pathlib
 import sys
 
 from twisted.internet import defer, error
@@ -20,8 +23,9 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 import cserver
-from cserver import client
-from cserver.client import (
+import cserver.client
+from cserver.client import cli, commands, protocol
+from cserver.client.protocol import (
     CserverClientProtocol,
     ServerError,
     UnexpectedReplyError,
@@ -246,6 +250,15 @@ class ConnectionLossTests(SynchronousTestCase):
         proto.connectionLost(Failure(error.ConnectionDone()))
         assert result_of(proto.greeted).check(error.ConnectionDone)
 
+    def test_close_drops_the_connection(self):
+        """close() drops the connection; the outstanding requests fail once it is lost."""
+        proto, transport = greeted_client()
+        d = proto.send("a")
+        proto.close()
+        assert transport.disconnecting and not d.called
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        assert result_of(d).check(error.ConnectionDone)
+
     def test_garbage_reply_drops_connection(self):
         """A reply line that is neither OK nor ERR makes the client drop the connection."""
         proto, transport = greeted_client()
@@ -342,9 +355,9 @@ def run_cli_session(argv, protocol=ScriptedServer, wait=0):
     """Run ``send``/``stats`` through run_session on a memory reactor, letting ``wait``
     seconds pass on its clock; (code, output)."""
     reactor, completer = memory_server(protocol)
-    args = client.build_parser().parse_args(argv)
+    args = cli.build_parser().parse_args(argv)
     out = io.StringIO()
-    d = client.run_session(reactor, args, out)
+    d = commands.run_session(reactor, args, out)
     pump = completer.succeedOnce()
     pump.flush()
     reactor.advance(wait)
@@ -353,12 +366,12 @@ def run_cli_session(argv, protocol=ScriptedServer, wait=0):
 
 
 class ConnectTests(SynchronousTestCase):
-    """client.connect() against scripted servers on a MemoryReactorClock."""
+    """protocol.connect() against scripted servers on a MemoryReactorClock."""
 
     def test_connect_greets_and_authenticates(self):
         """connect() fires with a protocol that has been greeted and authenticated."""
         reactor, completer = memory_server()
-        d = client.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice")
+        d = protocol.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice")
         pump = completer.succeedOnce()
         pump.flush()
         proto = result_of(d)
@@ -371,14 +384,14 @@ class ConnectTests(SynchronousTestCase):
     def test_connect_with_description_string(self):
         """connect() accepts a clientFromString description."""
         reactor, completer = memory_server()
-        d = client.connect(reactor, "tcp:host=127.0.0.1:port=31337", "alice")
+        d = protocol.connect(reactor, "tcp:host=127.0.0.1:port=31337", "alice")
         completer.succeedOnce().flush()
         assert result_of(d).user == "alice"
 
     def test_connect_refused_user_fails_and_closes(self):
         """A refused AUTH fails connect() with ServerError auth and closes the connection."""
         reactor, completer = memory_server()
-        d = client.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "mallory")
+        d = protocol.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "mallory")
         pump = completer.succeedOnce()
         pump.flush()
         failure = result_of(d)
@@ -388,7 +401,7 @@ class ConnectTests(SynchronousTestCase):
     def test_connect_refused_connection_fails(self):
         """A refused TCP connection fails connect() with ConnectionRefusedError."""
         reactor, completer = memory_server()
-        d = client.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice")
+        d = protocol.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice")
         completer.failOnce()
         assert result_of(d).check(error.ConnectionRefusedError)
 
@@ -396,7 +409,7 @@ class ConnectTests(SynchronousTestCase):
         """connect(timeout=T) against a server that accepts and stays silent fails with a
         timeout after T seconds and drops the connection, instead of waiting forever."""
         reactor, completer = memory_server(SilentServer)
-        d = client.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice",
+        d = protocol.connect(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 31337), "alice",
                            timeout=5)
         pump = completer.succeedOnce()
         pump.flush()
@@ -543,7 +556,7 @@ class ParserTests(Captured, SynchronousTestCase):
         TEXTs before it went out with their seqs unprinted."""
         _stdout, stderr = self.capture()
         with self.assertRaises(SystemExit) as exc:
-            client.build_parser().parse_args(["send", "A", "B\nC"])
+            cli.build_parser().parse_args(["send", "A", "B\nC"])
         assert exc.exception.code == 2
         assert "line break" in stderr.getvalue()
 
@@ -551,7 +564,7 @@ class ParserTests(Captured, SynchronousTestCase):
         """``cserver-client send --help`` explains exit statuses 0, 1, 2 and 3."""
         stdout, _stderr = self.capture()
         with self.assertRaises(SystemExit):
-            client.build_parser().parse_args(["send", "--help"])
+            cli.build_parser().parse_args(["send", "--help"])
         out = stdout.getvalue()
         assert "exit status:" in out
         for status in ("0", "1", "2", "3"):
@@ -563,25 +576,25 @@ class ParserTests(Captured, SynchronousTestCase):
         and exits 0, without needing a COMMAND."""
         stdout, _stderr = self.capture()
         with self.assertRaises(SystemExit) as exc:
-            client.main(["--version"])
+            cli.main(["--version"])
         assert exc.exception.code == 0
         assert stdout.getvalue() == f"cserver-client {cserver.__version__}\n"
 
     def test_parser_defaults_for_send_and_stats(self):
         """send/stats default to 127.0.0.1:31337 as the OS user with no password."""
-        args = client.build_parser().parse_args(["send", "hi", "there"])
+        args = cli.build_parser().parse_args(["send", "hi", "there"])
         assert (args.host, args.port, args.endpoint) == ("127.0.0.1", 31337, None)
         assert (args.user, args.password, args.texts) == (
             getpass.getuser(), None, ["hi", "there"])
         assert args.timeout == 30.0
-        args = client.build_parser().parse_args(
+        args = cli.build_parser().parse_args(
             ["stats", "--endpoint", "unix:path=/tmp/s", "--user", "u", "--password", "p"])
         assert (args.command, args.endpoint, args.user, args.password) == (
             "stats", "unix:path=/tmp/s", "u", "p")
 
     def test_parser_bench_defaults_and_short_options(self):
         """bench defaults to 1000 connections x 1 message, depth 1; -c/-n/-d set them."""
-        parse = client.build_parser().parse_args
+        parse = cli.build_parser().parse_args
         args = parse(["bench"])
         assert (args.connections, args.messages, args.pipeline, args.processes) == (1000, 1, 1, 1)
         assert (args.rate, args.json, args.text) == (None, False, "bench")
@@ -598,10 +611,62 @@ class ParserTests(Captured, SynchronousTestCase):
                      ["bench", "--rate", "0"], ["send"], []):
             # Were SystemExit not raised, the failure would show the Namespace parsed.
             with self.assertRaises(SystemExit) as exc:
-                client.build_parser().parse_args(argv)
+                cli.build_parser().parse_args(argv)
             assert exc.exception.code == 2, argv
 
     def test_endpoint_description(self):
         """--endpoint wins over --host/--port; else a tcp description is built."""
-        assert client.endpoint_description("127.0.0.1", 5) == "tcp:host=127.0.0.1:port=5"
-        assert client.endpoint_description("h", 5, "unix:path=/s") == "unix:path=/s"
+        assert protocol.endpoint_description("127.0.0.1", 5) == "tcp:host=127.0.0.1:port=5"
+        assert protocol.endpoint_description("h", 5, "unix:path=/s") == "unix:path=/s"
+
+
+#: cserver.client's modules, lowest first: each may import only those before it.
+LAYERS = ["protocol", "bench_protocol", "bench", "report", "local", "processes", "commands",
+          "cli", "child", "__main__", "__init__"]
+
+
+def module_imports(path):
+    """``(imported cserver.client modules, nested imports)`` of one source file: the
+    names after ``cserver.client.``, and the modules imported inside a function."""
+    tree = ast.parse(path.read_text())
+    imported, nested = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        imported |= {name.split(".")[2] for name in names
+                     if name.startswith("cserver.client.")}
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom):
+                    nested.append(node.module)
+                elif isinstance(node, ast.Import):
+                    nested += [alias.name for alias in node.names]
+    return imported, nested
+
+
+class LayeringTests(SynchronousTestCase):
+    """The package's modules import one way: cli -> bench -> protocol, never back up."""
+
+    def test_every_module_imports_only_lower_layers(self):
+        """Each module of cserver.client imports only modules listed before it in LAYERS
+        (so there is no import cycle), and every module is in LAYERS."""
+        directory = pathlib.Path(cserver.client.__file__).parent
+        paths = sorted(directory.glob("*.py"))
+        assert sorted(p.stem for p in paths) == sorted(LAYERS)
+        for path in paths:
+            imported, _ = module_imports(path)
+            lower = set(LAYERS[:LAYERS.index(path.stem)])
+            assert imported <= lower, (path.stem, imported - lower)
+
+    def test_no_module_imports_inside_a_function_but_the_reactor(self):
+        """Imports sit at the top of each module; the one exception is the global
+        reactor, imported where a program runs it."""
+        directory = pathlib.Path(cserver.client.__file__).parent
+        for path in directory.glob("*.py"):
+            _, nested = module_imports(path)
+            assert set(nested) <= {"twisted.internet"}, (path.stem, nested)
