@@ -97,17 +97,17 @@ class TextOrBytesChecker:
 
     @defer.inlineCallbacks
     def requestAvatarId(self, credentials):
-        as_text = ConstantTimeUsernamePassword(
-            _text(credentials.username), _text(credentials.password)
+        as_str = ConstantTimeUsernamePassword(
+            as_text(credentials.username), as_text(credentials.password)
         )
         try:
-            avatar_id = yield self.checker.requestAvatarId(as_text)
+            avatar_id = yield self.checker.requestAvatarId(as_str)
         except error.UnauthorizedLogin:
             as_bytes = ConstantTimeUsernamePassword(
-                as_text.username.encode("utf-8"), as_text.password.encode("utf-8")
+                as_str.username.encode("utf-8"), as_str.password.encode("utf-8")
             )
             avatar_id = yield self.checker.requestAvatarId(as_bytes)
-        return _text(avatar_id)
+        return as_text(avatar_id)
 
 
 class ConstantTimeUsernamePassword(UsernamePassword):
@@ -126,7 +126,11 @@ class ConstantTimeUsernamePassword(UsernamePassword):
         return hmac.compare_digest(mine, theirs)
 
 
-def _text(value):
+def as_text(value: str | bytes) -> str:
+    """
+    A cred value as str: ``memory:`` checkers hold str and ``file:`` ones
+    bytes (twisted#12558); both are UTF-8.
+    """
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
@@ -139,7 +143,7 @@ class UserRealm:
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IUser not in interfaces:
             raise NotImplementedError("cserver's realm only gives IUser avatars")
-        return IUser, User(_text(avatarId)), lambda: None
+        return IUser, User(as_text(avatarId)), lambda: None
 
 
 def allow_list_portal(users):

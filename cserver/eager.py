@@ -60,8 +60,8 @@ def eager_writes(port):
     Give the connections ``port`` accepts from now on an :class:`EagerServer`
     transport.
 
-    @param port: a listening port, as an endpoint's ``listen`` gives it.
-    @return: True when done; False when ``port`` is not a plain TCP port
+    :param port: a listening port, as an endpoint's ``listen`` gives it.
+    :returns: True when done; False when ``port`` is not a plain TCP port
         (UNIX sockets, other reactors' ports), which is left as it is.
     """
     if isinstance(port, tcp.Port) and port.transport is tcp.Server:

@@ -24,8 +24,11 @@ from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from cserver.auth import as_text
 
 #: scrypt's defaults for new hashes: about 16 MiB and 50 ms each.
 DEFAULT_N = 16384
@@ -184,13 +187,7 @@ def _bytes(value):
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
 def _default_run_in_thread(f, *args):
-    from twisted.internet.threads import deferToThread
-
     return deferToThread(f, *args)
 
 
@@ -204,8 +201,8 @@ class HashFileChecker:
     Check :class:`IUsernamePassword` credentials (str or bytes) against a
     hash file, re-read whenever its inode, size or mtime change.
 
-    @param path: the hash file.
-    @param run_in_thread: ``f(function, *args) -> Deferred`` that runs the
+    :param path: the hash file.
+    :param run_in_thread: ``f(function, *args) -> Deferred`` that runs the
         hash away from the reactor thread (default:
         :func:`twisted.internet.threads.deferToThread`).
     """
@@ -258,7 +255,7 @@ class HashFileChecker:
 
     def requestAvatarId(self, credentials):
         try:
-            user = _text(credentials.username)
+            user = as_text(credentials.username)
             password = _bytes(credentials.password)
         except UnicodeDecodeError:
             user, password = None, b""

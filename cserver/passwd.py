@@ -16,8 +16,8 @@ import getpass
 import os
 import stat
 import sys
-import tempfile
 
+from cserver.fs import TemporaryFileError, replace_atomically
 from cserver.hashfile import DEFAULT_N, BadHash, check_parameters, hash_password
 
 
@@ -105,32 +105,14 @@ def set_user(path, user, hashed):
 def write_atomically(path, text):
     """
     Replace the file at ``path`` with ``text``: a 0600 temporary file in
-    the same directory, fsynced, then renamed over it.
+    the same directory, fsynced, then renamed over it
+    (:func:`cserver.fs.replace_atomically`).
     """
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, temporary = tempfile.mkstemp(prefix=".cserver-passwd-", dir=directory)
-    except OSError as e:
+        replace_atomically(path, text.encode("utf-8"), prefix=".cserver-passwd-")
+    except TemporaryFileError as e:
         raise PasswdError(
-            f"cannot create a file in the directory {directory}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+            f"cannot create a file in the directory {e.directory}: {e.strerror}") from None
 
 
 def read_password(use_stdin, stdin=None, prompt=getpass.getpass):

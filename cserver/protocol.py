@@ -71,10 +71,10 @@ class CServerProtocol(LineReceiver):
     """
     The server side of one connection.
 
-    @ivar user: the authenticated user name, or None.
-    @ivar mine: messages acknowledged on this connection.
-    @ivar inflight: MSGs received here and not yet answered.
-    @ivar active: set on every line; the factory's idle sweep clears it.
+    :ivar user: the authenticated user name, or None.
+    :ivar mine: messages acknowledged on this connection.
+    :ivar inflight: MSGs received here and not yet answered.
+    :ivar active: set on every line; the factory's idle sweep clears it.
     """
 
     delimiter = b"\n"

@@ -51,10 +51,10 @@ class AuthThrottle:
     """
     Failed AUTHs per host address, and the addresses throttled now.
 
-    @ivar limit: failures in a row that throttle an address (0: never).
-    @ivar window: seconds of quiet that reset the count, and how long a
+    :ivar limit: failures in a row that throttle an address (0: never).
+    :ivar window: seconds of quiet that reset the count, and how long a
         throttled address stays throttled.
-    @ivar refused: AUTHs refused by the throttle since start.
+    :ivar refused: AUTHs refused by the throttle since start.
     """
 
     clock: object

@@ -147,9 +147,9 @@ def half_closeable_tls(port: object) -> bool:
     Give the connections ``port`` accepts from now on a
     :class:`HalfCloseableTLSProtocol` around their protocol.
 
-    @param port: a listening port, as an ``ssl:`` endpoint's ``listen`` or
+    :param port: a listening port, as an ``ssl:`` endpoint's ``listen`` or
         ``reactor.listenSSL`` gives it.
-    @return: True when done; False when ``port`` is not a TCP port whose
+    :returns: True when done; False when ``port`` is not a TCP port whose
         factory is a ``TLSMemoryBIOFactory`` with Twisted's default wrapper
         (plain TCP, UNIX sockets, other reactors' ports), which is left as it
         is.

@@ -75,9 +75,9 @@ class JournalLock:
     """
     The lock of one journal, held.
 
-    @ivar journal: the journal's path, as given.
-    @ivar path: the lock file's path.
-    @ivar fd: the lock file's descriptor, holding the lock (close-on-exec:
+    :ivar journal: the journal's path, as given.
+    :ivar path: the lock file's path.
+    :ivar fd: the lock file's descriptor, holding the lock (close-on-exec:
         pass it on explicitly, as the ``--workers`` parent does).
     """
 
@@ -91,8 +91,8 @@ class JournalLock:
         Take the lock of the journal at ``journal``, and write this process's
         pid into the lock file (mode 0600).
 
-        @raise JournalInUse: another server holds it; nothing was created.
-        @raise OSError: the lock file cannot be made (no such directory, no
+        :raises JournalInUse: another server holds it; nothing was created.
+        :raises OSError: the lock file cannot be made (no such directory, no
             permission...).
         """
         path = lock_path_for(journal)

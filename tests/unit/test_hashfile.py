@@ -14,10 +14,10 @@ import sys
 from twisted.cred import strcred
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver import passwd
+from cserver import fs, hashfile, passwd
 from cserver.auth import IUser, password_portal
 from cserver.hashfile import BadHash, HashFileChecker, ScryptHash, hash_password, verify_password
 
@@ -175,7 +175,7 @@ class CheckerTests(Files, SynchronousTestCase):
             seen.append(f)
             return defer.succeed(f(*args))
 
-        self.patch(threads, "deferToThread", spy)
+        self.patch(hashfile, "deferToThread", spy)
         checker = HashFileChecker(path)
         assert result_of(checker.requestAvatarId(UsernamePassword("alice", "pw"))) == "alice"
         assert len(seen) == 1 and seen[0].__name__ == "matches"
@@ -360,7 +360,7 @@ class PasswdPathTests(Files, SynchronousTestCase):
             raise PermissionError(13, "Permission denied",
                                   os.path.join(kwargs["dir"], ".cserver-passwd-x1y2"))
 
-        self.patch(passwd.tempfile, "mkstemp", refuse)
+        self.patch(fs.tempfile, "mkstemp", refuse)
         assert add_user(tmp_path / "passwd", "alice", "pw") == 1
         assert stderr.getvalue() == (
             f"cserver-passwd: cannot create a file in the directory {tmp_path}: "
