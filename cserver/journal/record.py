@@ -91,8 +91,8 @@ def batch(first: int, bodies: list[bytes]) -> bytes:
 class Head(msgspec.Struct, gc=False):
     """
     What recovery reads of a record: the four keys every record starts
-    with, and ``user`` (a message's; other records' ``user`` is read too, and
-    ignored).  Other fields are parsed (the line must be valid JSON) and
+    with, and ``user`` (a message's; other records' ``user`` must be a
+    string too).  Other fields are parsed (the line must be valid JSON) and
     dropped.
     """
 
@@ -100,15 +100,29 @@ class Head(msgspec.Struct, gc=False):
     time: float
     event: Annotated[str, msgspec.Meta(pattern="^[a-z_]+$")]
     pid: Annotated[int, msgspec.Meta(ge=0)]
-    user: Any = None
+    user: str | None = None
+
+
+class _CheckedHead(Head, gc=False):
+    """
+    A :class:`Head` that also decodes a message's ``text`` and ``peer``:
+    msgspec checks the UTF-8 of the strings it decodes, not of those it
+    skips.
+    """
+
+    text: Any = None
+    peer: Any = None
 
 
 _heads = msgspec.json.Decoder(Head)
 #: Decode one record's line (bytes) as a :class:`Head`.
 decode_head = _heads.decode
-#: Decode a block of whole lines as a list of :class:`Head`; a block that
-#: is not all records raises :class:`DecodeError`.
+#: Decode a block of whole lines of ASCII as a list of :class:`Head`; a
+#: block that is not all records raises one of :data:`DECODE_ERRORS`.
 decode_heads = _heads.decode_lines
+#: :func:`decode_heads` for a block that is not all ASCII: the strings of
+#: messages are checked to be UTF-8 too (other records' are not).
+decode_checked_heads = msgspec.json.Decoder(_CheckedHead).decode_lines
 #: What :func:`decode_head` and :func:`decode_heads` raise on anything but
 #: a valid record.
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
@@ -127,9 +141,10 @@ OTHER_EVENTS = re.compile(
 def read_head(line: bytes) -> Head | None:
     """
     The record that ``line`` (one line, with its newline) is, or None if it
-    is not one: not UTF-8, not JSON, or without the four keys.
+    is not one: not UTF-8, not JSON, without the four keys, or with a
+    carriage return (:func:`one_per_line` says the same of a block).
     """
-    if not line.startswith(START) or not line.endswith(b"}\n"):
+    if not line.endswith(b"\n") or b"\r" in line:
         return None
     try:
         line.decode("utf-8")
@@ -146,14 +161,13 @@ def read_head(line: bytes) -> Head | None:
         return None
 
 
-def well_started(block: bytes, count: int) -> bool:
+def one_per_line(block: bytes, count: int) -> bool:
     """
-    Whether the block of ``count`` decoded lines has exactly ``count`` lines,
-    each starting with ``{"seq":`` and ending with ``}`` (no blank line, no
-    other first key, no carriage return).
+    Whether the block of ``count`` decoded records holds ``count`` lines
+    (msgspec skips blank lines) and no carriage return (a raw one cannot be
+    inside a JSON string: it would be a CRLF line end).
     """
-    return (block.count(b"\n") == count and block.count(b"}\n") == count
-            and block.startswith(START) and block.count(b'\n{"seq":') == count - 1)
+    return block.count(b"\n") == count and b"\r" not in block
 
 
 class Number(str):

@@ -26,9 +26,10 @@ from cserver.journal.record import (
     START,
     Head,
     decode,
+    decode_checked_heads,
     decode_heads,
+    one_per_line,
     read_head,
-    well_started,
 )
 
 #: How much of the file is decoded at a time, in bytes.
@@ -173,11 +174,13 @@ def _scan(path: str, f: BinaryIO,
         # chunk, or is the tail.
         cut = data.rfind(b"\n") + 1
         block, carry = data[:cut], data[cut:]
-        heads, end = _valid_prefix(block)
+        heads, names, end = _valid_prefix(block)
         if heads:
             if first is None:
                 first = _First(heads[0].event, block[:block.index(b"\n") + 1])
-            _count(path, result, users, offset, heads, block)
+            _count(path, result, offset, heads, block)
+            result.messages += len(names)
+            users.update(names)
         offset += end
         if end < len(block) or not chunk:
             tail = block[end:] + carry + f.read()
@@ -188,22 +191,26 @@ def _scan(path: str, f: BinaryIO,
     return result, offset, tail, first
 
 
-def _valid_prefix(block: bytes) -> tuple[list[Head], int]:
+def _valid_prefix(block: bytes) -> tuple[list[Head], list[str], int]:
     """
     The records of the longest prefix of ``block`` (whole lines) that is
-    all valid records, and that prefix's length.
+    all valid records, the users of the messages among them, and that
+    prefix's length.
     """
     if not block:
-        return [], 0
+        return [], [], 0
+    ascii = block.isascii()
     try:
-        heads = decode_heads(block)
-        # msgspec does not check the strings of the fields it skips.
-        block.decode("utf-8")
+        heads = (decode_heads if ascii else decode_checked_heads)(block)
+        names = [head.user for head in heads if head.event == "message" and head.user is not None]
+        if not ascii and len(names) != len(heads):
+            # Fields other than a message's are skipped, unchecked.
+            block.decode("utf-8")
     except (*DECODE_ERRORS, UnicodeDecodeError):
         pass
     else:
-        if well_started(block, len(heads)):
-            return heads, len(block)
+        if one_per_line(block, len(heads)):
+            return heads, names, len(block)
     # Something in the block is not a record: find the first such line.
     heads = []
     end = 0
@@ -214,14 +221,19 @@ def _valid_prefix(block: bytes) -> tuple[list[Head], int]:
             break
         heads.append(head)
         end = stop
-    return heads, end
+    names = [head.user for head in heads if head.event == "message" and head.user is not None]
+    return heads, names, end
 
 
 def _holds_record(tail: bytes) -> bool:
     """
-    Whether a valid record starts anywhere in ``tail`` (then what comes
-    before it is damage, not a torn tail).
+    Whether a valid record is anywhere in ``tail``: a whole line, or a line's
+    end from a ``{"seq":`` on (then what comes before it is damage, not a
+    torn tail).
     """
+    lines = tail.split(b"\n")[:-1]  # the last piece has no newline
+    if any(read_head(line + b"\n") is not None for line in lines):
+        return True
     start = tail.find(START)
     while start >= 0:
         stop = tail.find(b"\n", start)
@@ -231,8 +243,7 @@ def _holds_record(tail: bytes) -> bool:
     return False
 
 
-def _count(path: str, result: Recovery, users: Counter[str], offset: int,
-           heads: list[Head], block: bytes) -> None:
+def _count(path: str, result: Recovery, offset: int, heads: list[Head], block: bytes) -> None:
     """
     Add the records ``heads`` (decoded from ``block``, which starts at byte
     ``offset``) to ``result``, checking that their seqs go on without a gap.
@@ -249,10 +260,6 @@ def _count(path: str, result: Recovery, users: Counter[str], offset: int,
             start = block.index(b"\n", start) + 1
     result.records += len(seqs)
     result.last_seq = seqs[-1]
-    names = [head.user for head in heads
-             if head.event == "message" and type(head.user) is str]
-    result.messages += len(names)
-    users.update(names)
 
 
 def _damaged_line(path: str, offset: int, rest: bytes) -> None:
