@@ -15,6 +15,8 @@ The measurements:
   journal work of the server (the record's encoding, batching, the write);
 - ``shared``: the same through a ``SharedFileJournal`` (the ``--workers``
   path: each batch numbered under the file's lock from the shared header);
+- ``header``: N times the shared header's reads and writes of one batch
+  (``--workers``: each batch touches it 14 times under the lock);
 - ``recover``: :func:`recover` of an N-record journal (what start-up does);
 - ``open``: the whole ``FileJournal.open`` of that journal.
 
@@ -38,6 +40,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_BEFORE = "5a2f885"
+MEASUREMENTS = ("take+write", "shared", "header", "recover", "open")
 USERS = ["alice", "bob", "carol", "zoë", 'q"uote', "😀"]
 
 
@@ -109,6 +112,25 @@ def child(what, path, records):
         elapsed = time.perf_counter() - start
         journal.close()
         return elapsed
+    if what == "header":
+        # The header work of one batch under the lock (what _write_batch
+        # reads and writes), ``records`` times.
+        header = shared_memory.create(1).header
+        start = time.perf_counter()
+        for _ in range(records):
+            if header.broken or header.busy:
+                raise AssertionError("a fresh header is neither broken nor busy")
+            header.busy = 4242
+            first = header.last_seq + 1
+            offset = header.end
+            header.commit_messages = header.messages + 100
+            header.commit_seq = first + 99
+            header.end = offset + 10000
+            header.last_seq = first + 99
+            header.messages = header.commit_messages
+            header.commit_seq = 0
+            header.busy = 0
+        return time.perf_counter() - start
     if what == "recover":
         start = time.perf_counter()
         recover(path)
@@ -165,10 +187,10 @@ def main(argv=None):
         journal = os.path.join(work, "journal.jsonl")
         results = {}
         for round_ in range(args.rounds):
-            for what in ("take+write", "shared", "recover", "open"):
+            for what in MEASUREMENTS:
                 for name, tree in (trees.items() if round_ % 2 == 0
                                    else reversed(list(trees.items()))):
-                    if what in ("take+write", "shared"):
+                    if what in ("take+write", "shared", "header"):
                         path = os.path.join(work, f"{what}-{name}.jsonl")
                         if os.path.exists(path):
                             os.unlink(path)
@@ -183,7 +205,7 @@ def main(argv=None):
         report = {}
         print(f"\n{args.records:,} records, median of {args.rounds} (before = {args.before}):")
         print(f"{'':<11} {'before':>9} {'after':>9} {'after/before':>13}")
-        for what in ("take+write", "shared", "recover", "open"):
+        for what in MEASUREMENTS:
             b = statistics.median(results[(what, "before")])
             a = statistics.median(results[(what, "after")])
             report[what] = {"before": b, "after": a}

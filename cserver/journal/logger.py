@@ -34,7 +34,7 @@ class JournalLogger(Logger):
         kwargs["log_source"] = self.source
         kwargs["log_format"] = format
         kwargs["log_time"] = time()
-        self.observer(kwargs)  # type: ignore[arg-type]
+        self.observer(kwargs)
 
     def record(self, kind: str, fields: dict[str, Any], format: str) -> Deferred[int]:
         """

@@ -115,14 +115,25 @@ class _CheckedHead(Head, gc=False):
 
 
 _heads = msgspec.json.Decoder(Head)
+_checked_heads = msgspec.json.Decoder(_CheckedHead)
 #: Decode one record's line (bytes) as a :class:`Head`.
 decode_head = _heads.decode
-#: Decode a block of whole lines of ASCII as a list of :class:`Head`; a
-#: block that is not all records raises one of :data:`DECODE_ERRORS`.
-decode_heads = _heads.decode_lines
-#: :func:`decode_heads` for a block that is not all ASCII: the strings of
-#: messages are checked to be UTF-8 too (other records' are not).
-decode_checked_heads = msgspec.json.Decoder(_CheckedHead).decode_lines
+
+
+def decode_heads(block: bytes, ascii: bool = True) -> list[Head]:
+    """
+    Decode a block of whole lines as a list of :class:`Head`.  Unless the
+    block is ``ascii``, the strings of messages are checked to be UTF-8 too
+    (msgspec checks the strings it decodes, not those it skips; other
+    records' fields are not checked).
+
+    :raises: one of :data:`DECODE_ERRORS`: the block is not all records.
+    """
+    if ascii:
+        return _heads.decode_lines(block)
+    return _checked_heads.decode_lines(block)  # type: ignore[return-value]
+
+
 #: What :func:`decode_head` and :func:`decode_heads` raise on anything but
 #: a valid record.
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)

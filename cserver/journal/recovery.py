@@ -26,7 +26,6 @@ from cserver.journal.record import (
     START,
     Head,
     decode,
-    decode_checked_heads,
     decode_heads,
     one_per_line,
     read_head,
@@ -201,7 +200,7 @@ def _valid_prefix(block: bytes) -> tuple[list[Head], list[str], int]:
         return [], [], 0
     ascii = block.isascii()
     try:
-        heads = (decode_heads if ascii else decode_checked_heads)(block)
+        heads = decode_heads(block, ascii)
         names = [head.user for head in heads if head.event == "message" and head.user is not None]
         if not ascii and len(names) != len(heads):
             # Fields other than a message's are skipped, unchecked.
