@@ -5,7 +5,7 @@ several users, with the real FileJournal, as ``recovery_bench.py`` does) in a
 temporary directory, or at PATH when given one (an existing PATH is measured
 as it is), then runs each subcommand as a child process (``python -m
 cserver.journal_cli``, interpreter start-up included), output to /dev/null,
-and prints one line per command, with :func:`cserver.recovery.recover`'s time
+and prints one line per command, with :func:`cserver.journal.recovery.recover`'s time
 on the same file for comparison::
 
     python benchmarks/journal_cli_bench.py [--records N] [PATH]

@@ -3,7 +3,7 @@
 Writes a journal of 1,000,000 message records from several users (with the
 real FileJournal, fsync=never) in a temporary directory, or at PATH when
 given one (an existing PATH is measured as it is), then times
-:func:`cserver.recovery.recover` (median of 3) and the whole
+:func:`cserver.journal.recovery.recover` (median of 3) and the whole
 :meth:`cserver.journal.FileJournal.open`, and prints one line::
 
     python benchmarks/recovery_bench.py [--records N] [PATH]

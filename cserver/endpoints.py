@@ -8,7 +8,10 @@ listen on, or says in one line what is wrong with it: before anything is
 opened, not in a traceback at ``listen``.
 """
 
+from __future__ import annotations
+
 import re
+import socket
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -26,10 +29,11 @@ _NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base \d+: (.*)")
 _MISSING = re.compile(r"missing \d+ required positional arguments?: (.*)")
 
 
-def split_description(description):
+def split_description(description: str) -> tuple[str, list[str], dict[str, str]]:
     """
-    ``(kind, positional, keywords)`` of an endpoint description
-    (``\\:`` is a colon inside a value).
+    Split an endpoint description (``\\:`` is a colon inside a value).
+
+    :returns: ``(kind, positional, keywords)``.
     """
     parts = [p.replace("\\:", ":") for p in _UNESCAPED_COLON.split(description)]
     positional, keywords = [], {}
@@ -42,15 +46,13 @@ def split_description(description):
     return parts[0], positional, keywords
 
 
-def parse_tcp(description):
+def parse_tcp(description: str) -> tuple[socket.AddressFamily, str, int, int]:
     """
-    ``(family, host, port, backlog)`` of a ``tcp:`` or ``tcp6:`` server
-    endpoint description.
+    Read a ``tcp:`` or ``tcp6:`` server endpoint description.
 
-    @raise ValueError: another kind of endpoint, or no port.
+    :returns: ``(family, host, port, backlog)``.
+    :raises ValueError: another kind of endpoint, or no port.
     """
-    import socket
-
     kind, positional, keywords = split_description(description)
     if kind not in ("tcp", "tcp6"):
         raise ValueError(f"--workers needs a tcp: or tcp6: --port, not {kind}:")
@@ -63,7 +65,7 @@ def parse_tcp(description):
     return family, host, int(keywords["port"]), int(keywords.get("backlog", 50))
 
 
-def with_backlog(description):
+def with_backlog(description: str) -> str:
     """
     Add a large listen backlog to a tcp, ssl or unix endpoint description
     that does not set one.
@@ -74,13 +76,16 @@ def with_backlog(description):
     return description
 
 
-def check_server(value, option="--port"):
+def check_server(value: str, option: str = "--port") -> str:
     """
     The server endpoint description to listen on for what was given as
     ``option``: a bare port number becomes ``tcp:PORT:interface=127.0.0.1``,
     and a backlog is added (:func:`with_backlog`).
 
-    @raise ValueError: with one line naming ``option`` and what is wrong:
+    :param value: what was given.
+    :param option: the option that gave it, for the messages.
+    :returns: the description to listen on.
+    :raises ValueError: with one line naming ``option`` and what is wrong:
         not an endpoint description, a port out of range, ``ssl:`` without
         the ``tls`` extra.
     """
@@ -108,7 +113,7 @@ def check_server(value, option="--port"):
     return with_backlog(value)
 
 
-def _reason(kind, error):
+def _reason(kind: str, error: Exception) -> str:
     text = str(error)
     if isinstance(error, TypeError):
         unexpected = _UNEXPECTED.search(text)
@@ -125,24 +130,10 @@ def _reason(kind, error):
     return text or type(error).__name__
 
 
-def _have_tls():
+def _have_tls() -> bool:
     try:
         import OpenSSL  # noqa: F401
     except ImportError:
         return False
     return True
 
-
-def describe_address(address, tls=False):
-    """
-    ``tcp:HOST:PORT`` (``tcp6:``; ``ssl:`` with ``tls``) or ``unix:PATH`` of
-    a listening address.
-    """
-    host = getattr(address, "host", None)
-    if host is None:
-        name = getattr(address, "name", None)
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "backslashreplace")
-        return f"unix:{name or '?'}"
-    kind = "ssl" if tls else address.type.lower()
-    return f"{kind}:{host}:{address.port}"

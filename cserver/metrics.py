@@ -18,17 +18,25 @@ renders in a thread pool).  This module needs ``prometheus_client`` (the
 given.
 """
 
+from __future__ import annotations
+
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application.service import Service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
-from cserver.endpoints import describe_address
+from cserver.process import describe_address
+from cserver.startup import listen_now
 
 #: Upper bounds, in seconds, of the fsync latency histogram's buckets.
 FSYNC_BUCKETS = (
@@ -43,10 +51,10 @@ class ServerCollector:
     scrape time.
     """
 
-    def __init__(self, factory):
+    def __init__(self, factory: Any) -> None:
         self.factory = factory
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         f = self.factory
         yield CounterMetricFamily(
             "cserver_messages", "Message records in the journal, all time.", value=f.total)
@@ -86,17 +94,17 @@ _WORKER_FIGURES = (
 class WorkersCollector:
     """
     The figures of ``--workers N``, read from the shared memory
-    (:class:`cserver.shared.Shared`) in the parent: ``cserver_*`` are the
+    (:class:`cserver.journal.header.Shared`) in the parent: ``cserver_*`` are the
     totals (the names a single process exports; the peaks are summed over
     the workers, an upper bound), ``cserver_worker_*{worker="i"}`` each
     worker's own.  The workers publish their counters every 0.2 s, so a
     scrape may lag that much.
     """
 
-    def __init__(self, shared):
+    def __init__(self, shared: Any) -> None:
         self.shared = shared
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         shared = self.shared
         header = shared.header
         totals = shared.totals()
@@ -124,7 +132,7 @@ class WorkersCollector:
         yield up
 
 
-def fsync_histogram(registry):
+def fsync_histogram(registry: CollectorRegistry) -> Histogram:
     """
     The ``cserver_journal_fsync_seconds`` histogram, registered in ``registry``.
     """
@@ -134,19 +142,22 @@ def fsync_histogram(registry):
     )
 
 
-def time_fsync(journal, histogram, clock=time.perf_counter):
+def time_fsync(journal: Any, histogram: Histogram,
+               clock: Callable[[], float] = time.perf_counter) -> bool:
     """
     Time every fdatasync of ``journal`` into ``histogram`` by wrapping the
     journal's ``_os_fdatasync`` attribute on the instance (the seam
     :class:`cserver.journal.FileJournal` keeps for tests).  A failed call is
-    timed too.  Returns False, changing nothing, for a journal without
-    that attribute (:class:`cserver.journal.MemoryJournal`).
+    timed too.
+
+    :returns: False, changing nothing, for a journal without that attribute
+        (:class:`cserver.testing.MemoryJournal`), else True.
     """
     fdatasync = getattr(journal, "_os_fdatasync", None)
     if fdatasync is None:
         return False
 
-    def timed_fdatasync(fd):
+    def timed_fdatasync(fd: int) -> None:
         start = clock()
         try:
             return fdatasync(fd)
@@ -157,7 +168,7 @@ def time_fsync(journal, histogram, clock=time.perf_counter):
     return True
 
 
-def server_registry(factory, process=True):
+def server_registry(factory: Any, process: bool = True) -> CollectorRegistry:
     """
     A registry for one process: the factory's figures, the fsync histogram
     (wired to the factory's journal) and, with ``process``, the process's
@@ -171,7 +182,7 @@ def server_registry(factory, process=True):
     return registry
 
 
-def workers_registry(shared, process=True):
+def workers_registry(shared: Any, process: bool = True) -> CollectorRegistry:
     """
     A registry for the parent of ``--workers N``: the totals and per-worker
     figures, and, with ``process``, the parent process's own.  No fsync
@@ -191,11 +202,11 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry):
+    def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()
         self.registry = registry
 
-    def render_GET(self, request):
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self.registry)
 
@@ -205,11 +216,11 @@ class _QuietSite(Site):
 
     noisy = False
 
-    def log(self, request):
+    def log(self, request: http.Request) -> None:
         pass
 
 
-def metrics_site(registry):
+def metrics_site(registry: CollectorRegistry) -> Site:
     """
     The web site: ``/metrics`` (and ``/``) answer with ``registry``.
     """
@@ -220,48 +231,72 @@ def metrics_site(registry):
     return _QuietSite(root)
 
 
-class MetricsService(Service):
+class MetricsService(StreamServerEndpointService):
     """
-    Serves ``site`` on ``endpoint`` while running and logs
-    ``metrics on tcp:HOST:PORT`` once it listens.  A port that cannot be
-    bound fails ``startService`` (twistd then exits with the error).
+    Serves the metrics ``site`` (:func:`metrics_site`) on ``endpoint`` while
+    running, and logs ``metrics on tcp:HOST:PORT`` once started and
+    listening.  It can listen before it starts (:meth:`listen`); a port
+    that cannot be bound then fails at once.
     """
 
     log = Logger(namespace="cserver.metrics")
+    _raiseSynchronously = True
 
-    def __init__(self, endpoint, site):
-        self.endpoint = endpoint
-        self.site = site
-        self.port = None
-
-    def listen(self):
+    def listen(self) -> None:
         """
         Listen now, before the service starts (see
         :meth:`cserver.service.CServerService.listen`).
 
-        @raise Exception: what the endpoint's ``listen`` failed with.
+        :raises Exception: what the endpoint's ``listen`` failed with, when it
+            fails at once.
         """
-        failures = []
-        self.endpoint.listen(self.site).addCallbacks(self._listened, failures.append)
-        if failures:
-            failures[0].raiseException()
+        self.privilegedStartService()
 
-    def startService(self):
+    def privilegedStartService(self) -> None:
+        # twistd calls this after makeService has had the service listen.
+        if self._waitingForPort is None:
+            super().privilegedStartService()
+
+    def startService(self) -> None:
         super().startService()
-        if self.port is None:
-            try:
-                self.listen()
-            except BaseException:
-                self.running = False
-                raise
-        self.log.info("metrics on {address}", address=describe_address(self.port.getHost()))
+        self._waitingForPort.addCallback(self._listening)
 
-    def _listened(self, port):
-        self.port = port
+    def _listening(self, port: Any) -> Any:
+        self.log.info("metrics on {address}", address=describe_address(port.getHost()))
+        return port
 
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-        return None
+
+class ServerWithMetrics(MultiService):
+    """
+    A server's service and its metrics site's: the site starts first and
+    stops last (it answers while the server drains).
+
+    :ivar server: the server's service.
+    :ivar metrics: the :class:`MetricsService`.
+    """
+
+    def __init__(self, server: IService, metrics: MetricsService) -> None:
+        super().__init__()
+        self.server = server
+        self.metrics = metrics
+        metrics.setServiceParent(self)
+        server.setServiceParent(self)
+
+
+def with_metrics(server: IService, reactor: Any, description: str,
+                 registry: CollectorRegistry) -> ServerWithMetrics:
+    """
+    ``server`` and, on the endpoint ``description``, the metrics site for
+    ``registry``, listening already.
+
+    :param server: a service with an ``abandon()``, given up when the site
+        cannot listen.
+    :raises SystemExit: the site cannot listen (one line naming ``--metrics``).
+    """
+    metrics = MetricsService(serverFromString(reactor, description), metrics_site(registry))
+    try:
+        listen_now(metrics, description, "--metrics")
+    except BaseException:
+        server.abandon()  # type: ignore[attr-defined]
+        raise
+    return ServerWithMetrics(server, metrics)

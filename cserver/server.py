@@ -6,64 +6,93 @@ the only way a connection reaches them.  Every record goes to the journal
 through a :class:`twisted.logger.Logger` whose observer is the journal.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any
+
 import attrs
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from cserver import __version__
 from cserver.auth import immediate_checker
+from cserver.config import Config
 from cserver.journal import EVENT, FIELDS, JournalLogger
 from cserver.protocol import CServerProtocol
 from cserver.throttle import AuthThrottle, FailureLog
+
+#: The fields of :class:`cserver.config.Config`, whose defaults the limits share.
+_OPTIONS = attrs.fields_dict(Config)
+
+
+def _default(name: str) -> Any:
+    return _OPTIONS[name].default
 
 
 @attrs.frozen
 class Limits:
     """
-    The per-server limits a user sets with options.
+    The per-server limits a user sets with options (the defaults are the
+    options' own: see :class:`cserver.config.Config`).
 
-    @ivar max_connections: connections open at once; more get ``ERR busy``.
-    @ivar idle_timeout: seconds without a line before ``ERR timeout`` (0: never).
-    @ivar auth_timeout: seconds to authenticate (0: no limit).
-    @ivar max_line: the longest request line, in bytes.
-    @ivar work_delay: seconds each MSG waits before it is journaled.
-    @ivar max_pending: unanswered MSGs a connection may have before the
+    :ivar max_connections: connections open at once; more get ``ERR busy``.
+    :ivar idle_timeout: seconds without a line before ``ERR timeout`` (0: never).
+    :ivar auth_timeout: seconds to authenticate (0: no limit).
+    :ivar max_line: the longest request line, in bytes.
+    :ivar work_delay: seconds each MSG waits before it is journaled.
+    :ivar max_pending: unanswered MSGs a connection may have before the
         server stops reading from it.
-    @ivar auth_throttle: failed AUTHs from one host address within
+    :ivar auth_throttle: failed AUTHs from one host address within
         ``auth_throttle_seconds`` after which its AUTHs are refused, unchecked,
         until that many seconds pass without a failure (0: never).
-    @ivar auth_throttle_seconds: see ``auth_throttle``.
+    :ivar auth_throttle_seconds: see ``auth_throttle``.
     """
 
-    max_connections: int = 10000
-    idle_timeout: float = 300.0
-    auth_timeout: float = 30.0
-    max_line: int = 65536
-    work_delay: float = 0.0
+    max_connections: int = _default("max_connections")
+    idle_timeout: float = _default("idle_timeout")
+    auth_timeout: float = _default("auth_timeout")
+    max_line: int = _default("max_line")
+    work_delay: float = _default("work_delay")
     max_pending: int = 1000
-    auth_throttle: int = 5
+    auth_throttle: int = _default("auth_throttle")
     auth_throttle_seconds: float = 60.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> Limits:
+        """
+        :returns: the limits ``config`` sets (the others at their defaults).
+        """
+        return cls(
+            max_connections=config.max_connections,
+            idle_timeout=config.idle_timeout,
+            auth_timeout=config.auth_timeout,
+            max_line=config.max_line,
+            work_delay=config.work_delay,
+            auth_throttle=config.auth_throttle,
+        )
 
 
 class CServerFactory(ServerFactory):
     """
     Builds :class:`CServerProtocol` connections and holds the state they share.
 
-    @ivar total: message records in the journal, all time.
-    @ivar served: messages acknowledged since start.
-    @ivar connections: connections open now.
-    @ivar peak: the most connections open at once since start.
-    @ivar inflight: MSGs received and not yet answered.
-    @ivar inflight_peak: the most MSGs in flight at once since start.
-    @ivar users: message records per user, all time.
-    @ivar auth_failures: failed AUTHs since start.
+    :ivar total: message records in the journal, all time.
+    :ivar served: messages acknowledged since start.
+    :ivar connections: connections open now.
+    :ivar peak: the most connections open at once since start.
+    :ivar inflight: MSGs received and not yet answered.
+    :ivar inflight_peak: the most MSGs in flight at once since start.
+    :ivar users: message records per user, all time.
+    :ivar auth_failures: failed AUTHs since start.
     """
 
     protocol = CServerProtocol
     log = Logger()
 
-    def __init__(self, journal, portal, clock, limits=Limits()):
+    def __init__(self, journal: Any, portal: Any, clock: Any, limits: Limits = Limits()) -> None:
         self.journal = journal
         self.journal_log = JournalLogger(namespace="cserver.journal", observer=journal)
         self.portal = portal
@@ -87,20 +116,20 @@ class CServerFactory(ServerFactory):
         self.throttle = AuthThrottle(clock, limits.auth_throttle, limits.auth_throttle_seconds)
         self.failure_log = FailureLog(clock)
         self.stopping = False
-        self.protocols = set()
-        self._drained = []
-        self._sweep_call = None
+        self.protocols: set[Any] = set()
+        self._drained: list[defer.Deferred[None]] = []
+        self._sweep_call: Any = None
 
     # -- lifecycle ----------------------------------------------------------
 
-    def startFactory(self):
+    def startFactory(self) -> None:
         limits = self.limits
         throttle = limits.auth_throttle_seconds if limits.auth_throttle else 0
         timeouts = [t for t in (limits.idle_timeout, limits.auth_timeout, throttle) if t]
         if timeouts and self._sweep_call is None:
             self._schedule_sweep(min(1.0, min(timeouts) / 4))
 
-    def stopFactory(self):
+    def stopFactory(self) -> None:
         if self._sweep_call is not None and self._sweep_call.active():
             self._sweep_call.cancel()
         self._sweep_call = None
@@ -135,14 +164,14 @@ class CServerFactory(ServerFactory):
         for protocol in expired:
             protocol.timed_out()
 
-    def record_start(self):
+    def record_start(self) -> defer.Deferred[Any]:
         """
         Journal the ``start`` record, with what recovery found.
         """
         fields = {"version": __version__, **self.journal.recovery.summary()}
         return self.journal_log.record("start", fields, "cserver {version} starting")
 
-    def record_stop(self):
+    def record_stop(self) -> defer.Deferred[Any]:
         """
         Journal what the throttle refused, then the ``stop`` record; fires
         once it is durable.
@@ -151,26 +180,24 @@ class CServerFactory(ServerFactory):
         fields = {"served": self.served, "total": self.total}
         return self.journal_log.record("stop", fields, "cserver stopping")
 
-    def drain(self):
+    def drain(self) -> defer.Deferred[None]:
         """
         Take no more MSGs; fire once every MSG in flight is answered.
         """
         self.stopping = True
         if not self.inflight:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._drained.append(d)
         return d
 
     @defer.inlineCallbacks
-    def close_connections(self, timeout=2.0):
+    def close_connections(self, timeout: float = 2.0) -> Generator[Any, Any, None]:
         """
         Close every connection once what is written to it is sent (the
         reactor's own shutdown would drop connections with their last
         replies unsent); fires when all are closed or after ``timeout``.
         """
-        from twisted.internet.task import deferLater
-
         yield deferLater(self.clock, 0, lambda: None)  # the last acks reach the transports
         for protocol in list(self.protocols):
             protocol.transport.loseConnection()
@@ -180,7 +207,7 @@ class CServerFactory(ServerFactory):
 
     # -- connections --------------------------------------------------------
 
-    def connection_made(self, protocol):
+    def connection_made(self, protocol: Any) -> bool:
         """
         Count a new connection; False when it is one too many.
         """
@@ -193,13 +220,14 @@ class CServerFactory(ServerFactory):
         self.protocols.add(protocol)
         return True
 
-    def connection_lost(self, protocol):
+    def connection_lost(self, protocol: Any) -> None:
         self.connections -= 1
         self.protocols.discard(protocol)
 
     # -- messages -----------------------------------------------------------
 
-    def submit_message(self, protocol, text, ack):
+    def submit_message(self, protocol: Any, text: str,
+                       ack: Callable[[int | None, str | None], object]) -> None:
         """
         Journal ``text`` from ``protocol``'s user, after the work delay;
         ``ack(seq, reason)`` is called once it is durable or has failed.
@@ -216,7 +244,7 @@ class CServerFactory(ServerFactory):
         else:
             self.journal_log.message(protocol.user, text, protocol.peer, ack)
 
-    def message_done(self, protocol, acked):
+    def message_done(self, protocol: Any, acked: bool) -> None:
         """
         A MSG of ``protocol`` was answered: acknowledged, or refused.
         """
@@ -233,13 +261,13 @@ class CServerFactory(ServerFactory):
                 d.callback(None)
 
     @property
-    def auth_throttled(self):
+    def auth_throttled(self) -> int:
         """
         AUTHs refused, unchecked, by the throttle since start.
         """
         return self.throttle.refused
 
-    def auth_retry_after(self, protocol):
+    def auth_retry_after(self, protocol: Any) -> int | None:
         """
         Whole seconds until ``protocol``'s host address may AUTH again (it
         failed too often: see :class:`cserver.throttle.AuthThrottle`), or
@@ -247,7 +275,8 @@ class CServerFactory(ServerFactory):
         """
         return self.throttle.retry_after(protocol.host)
 
-    def auth_failed(self, protocol, user, why, length=None):
+    def auth_failed(self, protocol: Any, user: str, why: object,
+                    length: int | None = None) -> None:
         """
         Count and journal a failed AUTH (the name and the peer, never a
         password; a name of ``length`` bytes clipped to ``user``), log it
@@ -266,7 +295,7 @@ class CServerFactory(ServerFactory):
         self.failure_log.failed(user, protocol.peer, why)
         self.throttle.failed(protocol.host)
 
-    def auth_refused(self, protocol):
+    def auth_refused(self, protocol: Any) -> None:
         """
         An AUTH from a throttled address, refused unchecked: counted (in
         ``auth_failures`` and ``auth_throttled``), not journaled one by one.
@@ -274,7 +303,7 @@ class CServerFactory(ServerFactory):
         self.auth_failures += 1
         self.throttle.refuse(protocol.host)
 
-    def journal_auth_refusals(self):
+    def journal_auth_refusals(self) -> None:
         """
         Journal the AUTHs refused so far from addresses still throttled (at
         stop: the sweep journals the others as each address is released).
@@ -291,7 +320,7 @@ class CServerFactory(ServerFactory):
                 **fields,
             )
 
-    def stats(self, protocol):
+    def stats(self, protocol: Any) -> dict[str, Any]:
         """
         The figures ``STATS`` reports to ``protocol``.
         """

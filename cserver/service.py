@@ -11,40 +11,45 @@ record is durable and the port is listening, ``WATCHDOG=1`` while running,
 SIGHUP reopens the journal at its path (log rotation).
 """
 
-import signal
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cserver import __version__
 from cserver.eager import eager_writes
-from cserver.endpoints import describe_address
 from cserver.notify import Notifier
+from cserver.process import describe_address, stop_cleanly_on_signals
 
 
 class CServerService(Service):
     """
     Runs one :class:`cserver.server.CServerFactory` on one endpoint.
 
-    @ivar port: the listening port once started, else None.
-    @ivar exit_cleanly: replace twistd's SIGTERM and SIGINT handlers, which
+    :ivar port: the listening port once started, else None.
+    :ivar exit_cleanly: replace twistd's SIGTERM and SIGINT handlers, which
         make the process exit by the signal, with ones that stop the
-        reactor so that a graceful stop exits with status 0.
-    @ivar notifier: a :class:`cserver.notify.Notifier` (default: one for
+        reactor so that a graceful stop exits with status 0
+        (:func:`cserver.process.stop_cleanly_on_signals`).
+    :ivar notifier: a :class:`cserver.notify.Notifier` (default: one for
         this process's environment: silent unless ``$NOTIFY_SOCKET`` is set).
-    @ivar eager: give a TCP port's connections eager writes
+    :ivar eager: give a TCP port's connections eager writes
         (:mod:`cserver.eager`).
-    @ivar lock: the journal's :class:`cserver.lock.JournalLock`, released
+    :ivar lock: the journal's :class:`cserver.journal.lock.JournalLock`, released
         once the journal is closed at stop, or None.
-    @ivar auth: how AUTH is checked, for the log at start, or None.
+    :ivar auth: how AUTH is checked, for the log at start, or None.
     """
 
     log = Logger()
 
-    def __init__(self, factory, endpoint, reactor, exit_cleanly=False, notifier=None,
-                 eager=False, lock=None, auth=None):
+    def __init__(self, factory: Any, endpoint: Any, reactor: Any, exit_cleanly: bool = False,
+                 notifier: Notifier | None = None, eager: bool = False, lock: Any = None,
+                 auth: str | None = None) -> None:
         self.factory = factory
         self.eager = eager
         self.lock = lock
@@ -53,27 +58,27 @@ class CServerService(Service):
         self.endpoint = endpoint
         self.reactor = reactor
         self.exit_cleanly = exit_cleanly
-        self.port = None
-        self._listening = None
+        self.port: Any = None
+        self._listening: defer.Deferred[Any] | None = None
         self._announced = False
 
-    def listen(self):
+    def listen(self) -> None:
         """
         Listen on the endpoint now, before the service starts (``twistd
         cserver`` does so before it daemonizes, so that a port that cannot
         be had is reported where the server was started).
 
-        @raise Exception: what the endpoint's ``listen`` failed with, when
+        :raises Exception: what the endpoint's ``listen`` failed with, when
             it fails at once.
         """
-        failures = []
-        self._listening = self.endpoint.listen(self.factory)
-        self._listening.addCallbacks(self._listened, failures.append)
+        failures: list[Failure] = []
+        listening = self._listening = self.endpoint.listen(self.factory)
+        listening.addCallbacks(self._listened, failures.append)
         if failures:
             self._listening = None
             failures[0].raiseException()
 
-    def abandon(self):
+    def abandon(self) -> None:
         """
         Give up a service that will not be started: stop listening.
         """
@@ -81,7 +86,7 @@ class CServerService(Service):
             self.port.stopListening()
             self.port = None
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         if self.lock is not None:
             self.lock.write_pid()  # twistd forks to daemonize after makeService
@@ -101,6 +106,7 @@ class CServerService(Service):
                 self.running = False
                 raise
         started = self.factory.record_start()
+        assert self._listening is not None
         # The Deferreds keep their own results (and errors): this only watches.
         defer.DeferredList([started, self._listening]).addCallback(self._ready)
         started.addErrback(log_start_not_journaled, self.log)
@@ -139,7 +145,7 @@ class CServerService(Service):
         if self.auth:
             self.log.info("{auth}", auth=self.auth)
 
-    def address(self):
+    def address(self) -> str:
         """
         Where the service listens: ``tcp:HOST:PORT``, ``ssl:HOST:PORT``,
         ``unix:PATH``.
@@ -155,14 +161,14 @@ class CServerService(Service):
             f"{journal.recovery.records} records in the journal"
         )
 
-    def reopen_journal(self):
+    def reopen_journal(self) -> defer.Deferred:
         """
         Reopen the journal at its path (SIGHUP, ``systemctl reload``), for
         log rotation; see :meth:`cserver.journal.FileJournal.reopen`.  A
         failure is logged (by the journal too) and the server goes on with
         the old file.
 
-        @return: a Deferred that fires with the ``reopen`` record's seq, or
+        :returns: a Deferred that fires with the ``reopen`` record's seq, or
             None when nothing was reopened; it never fails.
         """
         reopen = getattr(self.factory.journal, "reopen", None)
@@ -177,7 +183,7 @@ class CServerService(Service):
         return defer.maybeDeferred(reopen).addErrback(failed)
 
     @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Any, Any, None]:
         super().stopService()
         self.notifier.stopping()
         self.notifier.stop_watchdog()
@@ -202,62 +208,32 @@ class CServerService(Service):
         )
 
 
-def log_start_not_journaled(failure, log):
+def log_start_not_journaled(failure: Failure, log: Logger) -> None:
     """
     The ``start`` record was refused (disk full, fsync failed): say so.  The
     server goes on listening; its MSGs get what the journal says (``ERR
     unavailable ...``), and READY=1 is not sent.
+
+    :param failure: why, an :exc:`OSError` (anything else is passed on).
+    :param log: where to say it.
     """
     failure.trap(OSError)
     log.critical("could not journal the start record: {error}", error=failure.value)
 
 
-def stop_cleanly_on_signals(reactor, log, hangup=None):
+def is_tls(endpoint: object) -> bool:
     """
-    Make SIGTERM and SIGINT stop ``reactor`` (a graceful stop: the services'
-    stopService run) and let the process exit with status 0.  twistd's own
-    handlers make it exit by the signal instead.  A second signal while
-    stopping is ignored.
-
-    SIGHUP (which would otherwise end the process) calls ``hangup()`` in the
-    reactor thread -- the single-process server reopens its journal -- or,
-    without ``hangup`` (the ``--workers`` parent), is logged and ignored.
-    """
-
-    def stop():
-        try:
-            reactor.stop()
-        except ReactorNotRunning:
-            pass
-
-    def handler(number, frame):
-        log.info("received signal {number}, stopping", number=number)
-        reactor.callFromThread(stop)
-
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, handler)
-
-    def ignore_hangup(number, frame):
-        log.warn("received SIGHUP: ignored (the journal is not reopened with --workers)")
-
-    def reopen_on_hangup(number, frame):
-        log.info("received SIGHUP, reopening the journal")
-        reactor.callFromThread(hangup)
-
-    signal.signal(signal.SIGHUP, ignore_hangup if hangup is None else reopen_on_hangup)
-
-
-def is_tls(endpoint):
-    """
-    Whether ``endpoint`` listens with TLS (``ssl:``).
+    :returns: whether ``endpoint`` listens with TLS (``ssl:``).
     """
     return type(endpoint).__name__ == "SSL4ServerEndpoint"
 
 
-def half_closeable_tls(port):
+def half_closeable_tls(port: object) -> bool:
     """
     Let the TLS connections of ``port`` be half-closed (see :mod:`cserver.tls`);
     nothing for other ports or without the TLS libraries.
+
+    :returns: whether ``port`` was changed.
     """
     try:
         from cserver.tls import half_closeable_tls as make_half_closeable

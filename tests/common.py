@@ -6,8 +6,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from cserver.auth import allow_list_portal
-from cserver.testing import MemoryJournal
 from cserver.server import CServerFactory, Limits
+from cserver.testing import MemoryJournal
 
 
 def make_factory(users=("alice", "bob"), limits=None, clock=None, journal=None, portal=None,

@@ -69,11 +69,3 @@ __all__ = [
     "recover",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # Transitional, while the tests move to cserver.testing.MemoryJournal.
-    if name == "MemoryJournal":
-        from cserver.testing import MemoryJournal
-
-        return MemoryJournal
-    raise AttributeError(name)

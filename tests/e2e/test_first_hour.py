@@ -71,6 +71,21 @@ def test_a_port_in_use_ends_in_one_line_and_leaves_no_file(tmp_path, workers):
                     "there?)")
 
 
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["single", "workers"])
+def test_a_metrics_port_in_use_ends_in_one_line_and_leaves_no_file(tmp_path, workers):
+    """A --metrics port already in use: one line naming it and --metrics; the journal the
+    start created is removed again (with --workers too), the lock let go."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        line = one_line_failure(tmp_path, "--port", "tcp:0:interface=127.0.0.1",
+                                "--metrics", f"tcp:{port}:interface=127.0.0.1", *workers)
+    assert line == (f"cserver: cannot listen on tcp:{port}:interface=127.0.0.1:backlog=4096 "
+                    "(--metrics): the address is already in use (is another server running "
+                    "there?)")
+
+
 def test_ssl_without_the_tls_libraries_names_the_extra(tmp_path):
     """--port ssl:... where pyOpenSSL is not installed names the extra to install."""
     hide = tmp_path.parent / f"{tmp_path.name}-no-openssl"

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 def test_wheel_carries_the_plugin(tmp_path):
     """The wheel holds twisted/plugins/cserver_plugin.py and no twisted/plugins/__init__.py,
+    every subpackage of cserver (listed by hand in setup.cfg),
     and installs the README, the licence and the units under share/doc/cserver (where the
     systemd units' Documentation= points)."""
     subprocess.run(
@@ -29,6 +30,10 @@ def test_wheel_carries_the_plugin(tmp_path):
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
     assert "cserver/tap.py" in names
+    # Every subpackage: setup.cfg lists them by hand.
+    for module in ("cserver/journal/record.py", "cserver/client/protocol.py",
+                   "cserver/workers/worker.py"):
+        assert module in names, module
     doc = "cserver-{}.data/data/share/doc/cserver/".format(wheel.name.split("-")[1])
     for name in ("README.rst", "LICENSE", "protocol.rst", "cserver.service"):
         assert doc + name in names, name

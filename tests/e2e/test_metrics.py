@@ -40,7 +40,7 @@ def test_make_service_with_metrics_runs_server_and_metrics_site(tmp_path):
         assert list(service) == [service.metrics, service.server]
         assert isinstance(service.server, CServerService)
         assert service.server.exit_cleanly
-        assert service.metrics.site.resource.children[b"metrics"].registry is not None
+        assert service.metrics.factory.resource.children[b"metrics"].registry is not None
     finally:
         service.server.factory.journal.close()
 

@@ -22,7 +22,12 @@ import pytest
 from twisted.internet.task import Clock
 
 from cserver import __version__
+from cserver.config import Config
+from cserver.journal.header import Shared
+from cserver.journal.recovery import Recovery
 from cserver.notify import Notifier, notify_address
+from cserver.testing import MemoryJournal
+from cserver.workers.supervisor import WorkerSupervisor
 
 from ..server_process import LineClient, read_journal, twistd_command
 from ..unit.test_systemd import SERVICE, SOCKET, RecordingNotifier, exec_start_argv
@@ -122,11 +127,6 @@ def test_workers_parent_is_ready_once_start_record_is_durable():
     The --workers parent sends READY=1 once its start record is durable and STOPPING=1 when it
     stops.
     """
-    from cserver.journal import MemoryJournal
-    from cserver.recovery import Recovery
-    from cserver.shared import Shared
-    from cserver.workers import WorkerSupervisor
-
     class Supervisor(WorkerSupervisor):
         def _spawn(self, index):
             pass
@@ -139,7 +139,7 @@ def test_workers_parent_is_ready_once_start_record_is_durable():
     try:
         listening.bind(("127.0.0.1", 0))
         notifier = RecordingNotifier()
-        service = Supervisor(clock, shared, journal, Recovery(), [listening], [],
+        service = Supervisor(clock, shared, journal, Recovery(), [listening], Config(),
                              notifier=notifier)
         service.startService()
         assert notifier.sent == []

@@ -3,8 +3,8 @@ holds a real socket), the ``SO_REUSEPORT`` listening sockets, and a real
 ``twistd -n cserver --workers 2`` on loopback (a parent and two worker
 processes sharing one port and one journal).
 
-End-to-end layer; the options, the workers' command lines, parse_tcp and the
-parent's totals are in tests/unit/test_workers.py."""
+End-to-end layer; the options, what the parent tells each worker, parse_tcp
+and the parent's totals are in tests/unit/test_workers.py."""
 
 import json
 import os
@@ -21,7 +21,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from cserver.workers import reuseport_sockets
+from cserver.config import Config
+from cserver.journal.header import Shared
+from cserver.journal.recovery import Recovery
+from cserver.testing import MemoryJournal
+from cserver.workers.parent import reuseport_sockets
+from cserver.workers.supervisor import STABLE_AFTER, WorkerSupervisor
 
 from ..server_process import (
     Load,
@@ -51,18 +56,13 @@ class _SpawningClock(Clock):
 def test_restart_delay_doubles_for_quick_deaths_up_to_the_max_and_resets_when_stable():
     """A worker dying within 10 s of its start waits twice as long as last time, never
     more than the max; one that ran 10 s or more is restarted after the first delay."""
-    from cserver.journal import MemoryJournal
-    from cserver.recovery import Recovery
-    from cserver.shared import Shared
-    from cserver.workers import STABLE_AFTER, WorkerSupervisor
-
     clock = _SpawningClock()
     shared = Shared.create(1)
     sock = socket.socket()
     try:
         supervisor = WorkerSupervisor(
-            clock, shared, MemoryJournal(clock), Recovery(), [sock], [],
-            restart_delay=0.1, max_restart_delay=0.5,
+            clock, shared, MemoryJournal(clock), Recovery(), [sock],
+            Config(restart_delay=0.1, restart_max_delay=0.5),
         )
         supervisor._spawn(0)
         delays = []

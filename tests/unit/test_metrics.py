@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver.journal import FileJournal, MemoryJournal
+from cserver.journal import FileJournal
+from cserver.journal.header import Shared
 from cserver.metrics import (
     ServerCollector,
     WorkersCollector,
@@ -20,8 +21,8 @@ from cserver.metrics import (
     server_registry,
     time_fsync,
 )
-from cserver.shared import Shared
 from cserver.tap import Options
+from cserver.testing import MemoryJournal
 
 from ..common import connect, make_factory, replies, send
 from .base import Temporary

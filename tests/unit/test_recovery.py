@@ -1,4 +1,4 @@
-"""Tests for cserver.recovery: counting a journal, cutting a torn tail to a side
+"""Tests for cserver.journal.recovery: counting a journal, cutting a torn tail to a side
 file, and refusing a journal damaged before its end, on real files.
 
 Unit layer: journals in temporary directories."""

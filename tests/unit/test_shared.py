@@ -1,4 +1,4 @@
-"""Tests for cserver.shared: the memory the parent and its workers share.
+"""Tests for cserver.journal.header: the memory the parent and its workers share.
 
 Unit layer: memfd segments mapped twice in this process."""
 

@@ -1,21 +1,27 @@
-"""Tests for cserver.tap and the twistd plugin: options, service, discovery.
+"""Tests for cserver.tap and the twistd plugin: options, service, discovery;
+and the process helpers makeService uses (cserver.process).
 
 Unit layer: makeService runs on a memory reactor (nothing listens for real)."""
 
 import gc
 import getpass
+import os
 import pathlib
 import resource
+import socket
 import sys
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from cserver.auth import AllowListChecker, TextOrBytesChecker
+from cserver.endpoints import with_backlog
 from cserver.journal import AutoSyncer, InlineSyncer, SyncThread
-from cserver.tap import Options, makeService, raise_open_file_limit, with_backlog
+from cserver.process import ParentWatch, describe_address, describe_socket, raise_open_file_limit
+from cserver.tap import Options, makeService
 
 from ..common import FakeReactor
 from .base import RestoreInterpreter, Temporary
@@ -111,8 +117,8 @@ class OptionsTests(Temporary, SynchronousTestCase):
         assert with_backlog("systemd:domain=INET:index=0") == "systemd:domain=INET:index=0"
 
 
-class OpenFileLimitTests(SynchronousTestCase):
-    """raise_open_file_limit."""
+class ProcessHelpersTests(SynchronousTestCase):
+    """cserver.process: the open-file limit, the addresses in the log, the parent watch."""
 
     def test_open_file_limit_is_raised_within_hard_limit(self):
         """The soft open-file limit is raised toward what is wanted, never past the hard
@@ -125,6 +131,34 @@ class OpenFileLimitTests(SynchronousTestCase):
             assert raise_open_file_limit(100) == min(512, hard)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def test_addresses_are_written_with_their_kind(self):
+        """tcp:, tcp6:, ssl: and unix: addresses read as the log writes them; a listening
+        socket of ours reads as its Twisted address does."""
+        assert describe_address(IPv4Address("TCP", "127.0.0.1", 5)) == "tcp:127.0.0.1:5"
+        assert describe_address(IPv6Address("TCP", "::1", 6)) == "tcp6:::1:6"
+        assert describe_address(IPv4Address("TCP", "0.0.0.0", 7), tls=True) == "ssl:0.0.0.0:7"
+        assert describe_address(UNIXAddress(b"/run/c.sock")) == "unix:/run/c.sock"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            assert describe_socket(sock) == f"tcp:127.0.0.1:{sock.getsockname()[1]}"
+
+    def test_parent_watch_calls_gone_once_when_the_writer_closes(self):
+        """What the parent writes is ignored; once its end closes, gone() is called, once."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        gone = []
+        removed = []
+        reactor = type("Reactor", (), {"removeReader": lambda self, r: removed.append(r)})()
+        watch = ParentWatch(reactor, read, lambda: gone.append(True))
+        os.write(write, b"start line\n")
+        watch.doRead()
+        watch.doRead()  # nothing to read: not the end
+        assert gone == []
+        os.close(write)
+        watch.doRead()
+        watch.connectionLost(None)
+        assert gone == [True] and removed == [watch]
 
 
 class MakeServiceTests(RestoreInterpreter, Temporary, SynchronousTestCase):

@@ -1,35 +1,42 @@
-"""The parent of ``twistd cserver --workers N`` (N > 1).
+"""The parent of ``twistd cserver --workers N`` at work: run, restart and stop the workers.
 
-It recovers the journal and sets up the shared memory's journal header,
-makes N ``SO_REUSEPORT`` listening sockets on the one TCP port (one per
-worker; it keeps them all open, so a restarting worker's queue is not
-reset), and runs N :mod:`cserver.worker` processes.  It writes the ``start``
-and ``stop`` records, restarts a worker that dies (with a backoff), logs the
-global totals every 10 s, and on SIGTERM or SIGINT stops every worker
-gracefully before it writes the ``stop`` record.  Under systemd it is the
-main process: it sends ``READY=1`` (the ``start`` record durable, the sockets
-listening), ``WATCHDOG=1`` and ``STOPPING=1``.  See docs/workers-design.rst.
+:class:`WorkerSupervisor` runs N :mod:`cserver.workers.worker` processes on
+the sockets and the journal :mod:`cserver.workers.parent` prepared.  It
+writes the ``start`` and ``stop`` records, restarts a worker that dies
+(with a backoff), logs the global totals every 10 s, and on SIGTERM or
+SIGINT stops every worker gracefully before it writes the ``stop`` record.
+Under systemd it is the main process: it sends ``READY=1`` (the ``start``
+record durable, the sockets listening), ``WATCHDOG=1`` and ``STOPPING=1``.
+See docs/workers-design.rst.
 """
+
+from __future__ import annotations
 
 import os
 import socket
 import sys
+from collections.abc import Generator
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cserver import __version__
-from cserver.endpoints import parse_tcp
+from cserver.config import Config
+from cserver.journal import JournalLogger
 from cserver.notify import Notifier
-from cserver.service import log_start_not_journaled, stop_cleanly_on_signals
+from cserver.process import describe_socket, stop_cleanly_on_signals
+from cserver.service import log_start_not_journaled
+from cserver.startup import discard_journal
+from cserver.workers import LISTEN_FD, LOCK_FD, SHARED_FD, WORKER_MODULE, WorkerStart
 
-#: Seconds before the first restart of a worker that died (--restart-delay).
-RESTART_DELAY = 0.5
-#: The longest wait before a restart (--restart-max-delay).
-MAX_RESTART_DELAY = 30.0
+__all__ = ["STABLE_AFTER", "WorkerProcess", "WorkerSupervisor"]
+
 #: A worker up this many seconds counts as stable: its next restart is quick.
 STABLE_AFTER = 10.0
 #: Seconds between two logs of the totals.
@@ -38,65 +45,50 @@ TOTALS_INTERVAL = 10.0
 STOP_TIMEOUT = 25.0
 
 
-# -- the listening sockets ----------------------------------------------------------------
-
-def reuseport_sockets(family, host, port, backlog, count):
-    """
-    ``count`` listening sockets bound with ``SO_REUSEPORT`` to one address
-    (port 0: the port the first one got).
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-            sock.setblocking(False)
-            port = sock.getsockname()[1]
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-# -- the workers ----------------------------------------------------------------------------
-
 class WorkerProcess(ProcessProtocol):
     """
-    One worker seen from the parent: its output goes to the parent's log,
-    its end to the supervisor.
+    One worker seen from the parent: it is told its :class:`WorkerStart`,
+    its output goes to the parent's log, its end to the supervisor.
+
+    :ivar pid: the worker's pid, once spawned.
+    :ivar ended: fires (with None) once the worker has exited.
     """
 
     log = Logger(namespace="cserver.workers")
 
-    def __init__(self, supervisor, index, started_at):
+    def __init__(self, supervisor: WorkerSupervisor, index: int, started_at: float,
+                 start: WorkerStart) -> None:
         self.supervisor = supervisor
         self.index = index
         self.started_at = started_at
-        self.pid = None
-        self.ended = defer.Deferred()
+        self.start = start
+        self.pid: int | None = None
+        self.ended: defer.Deferred[None] = defer.Deferred()
         self._partial = {1: b"", 2: b""}
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
         self.pid = self.transport.pid
+        self.transport.write(self.start.encode())
 
-    def childDataReceived(self, fd, data):
+    def signal(self, name: str) -> None:
+        """Send the worker the signal ``name`` (``TERM``, ``KILL``)."""
+        if self.transport is not None:
+            self.transport.signalProcess(name)
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
         lines = (self._partial.get(fd, b"") + data).split(b"\n")
         self._partial[fd] = lines.pop()
         for line in lines:
             self.log.info("worker {index} [{pid}]: {line}", index=self.index, pid=self.pid,
                           line=line.decode("utf-8", "replace"))
 
-    def processEnded(self, reason):
+    def processEnded(self, reason: Failure) -> None:
         self.supervisor.worker_ended(self, reason)
         self.ended.callback(None)
 
 
-def _describe_exit(reason):
+def _describe_exit(reason: Failure) -> str:
     if isinstance(reason.value, ProcessDone):
         return "exited with status 0"
     if reason.value.signal is not None:
@@ -106,21 +98,31 @@ def _describe_exit(reason):
 
 class WorkerSupervisor(Service):
     """
-    Runs and restarts ``count`` workers; writes the ``start`` and ``stop``
-    records.
+    Runs and restarts one worker per socket; writes the ``start`` and
+    ``stop`` records.
 
-    @ivar processes: the running :class:`WorkerProcess` of each index, or None.
-    @ivar notifier: a :class:`cserver.notify.Notifier` (default: one for this
+    :param reactor: the reactor (a clock that can ``spawnProcess``).
+    :param shared: the :class:`cserver.journal.header.Shared` memory of the workers.
+    :param journal: the parent's :class:`cserver.journal.SharedFileJournal`.
+    :param recovery: what recovering the journal found.
+    :param sockets: the listening sockets, one per worker.
+    :param config: the options, passed on to each worker; the restart delays
+        are its ``restart_delay`` and ``restart_max_delay``.
+    :param exit_cleanly: SIGTERM and SIGINT stop the reactor, for an exit
+        with status 0 (:func:`cserver.process.stop_cleanly_on_signals`).
+    :param lock: the journal's :class:`cserver.journal.lock.JournalLock`, or None.
+    :param auth: how AUTH is checked, for the log at start, or None.
+    :ivar processes: the running :class:`WorkerProcess` of each index, or None.
+    :ivar notifier: a :class:`cserver.notify.Notifier` (default: one for this
         process's environment).
     """
 
     log = Logger(namespace="cserver.workers")
 
-    def __init__(self, reactor, shared, journal, recovery, sockets, worker_argv,
-                 exit_cleanly=False, notifier=None, restart_delay=RESTART_DELAY,
-                 max_restart_delay=MAX_RESTART_DELAY, lock=None, auth=None):
-        from cserver.journal import JournalLogger
-
+    def __init__(self, reactor: Any, shared: Any, journal: Any, recovery: Any,
+                 sockets: list[socket.socket], config: Config, exit_cleanly: bool = False,
+                 notifier: Notifier | None = None, lock: Any = None,
+                 auth: str | None = None) -> None:
         self.notifier = Notifier() if notifier is None else notifier
         self.reactor = reactor
         self.shared = shared
@@ -128,23 +130,21 @@ class WorkerSupervisor(Service):
         self.recovery = recovery
         self.journal_log = JournalLogger(namespace="cserver.journal", observer=journal)
         self.sockets = sockets
-        self.worker_argv = worker_argv
+        self.config = config
         self.exit_cleanly = exit_cleanly
-        self.restart_delay = restart_delay
-        self.max_restart_delay = max_restart_delay
+        self.restart_delay = config.restart_delay
+        self.max_restart_delay = config.restart_max_delay
         self.lock = lock
         self.auth = auth
         self.count = len(sockets)
-        self.processes = [None] * self.count
+        self.processes: list[WorkerProcess | None] = [None] * self.count
         self._delays = [0.0] * self.count
-        self._restarts = {}
-        self._totals = None
-        self._last_totals = None
+        self._restarts: dict[int, Any] = {}
+        self._totals: LoopingCall | None = None
+        self._last_totals: dict[str, int] | None = None
         self.stopping = False
 
-    def startService(self):
-        from twisted.internet.task import LoopingCall
-
+    def startService(self) -> None:
         super().startService()
         if self.lock is not None:
             self.lock.write_pid()  # twistd forks to daemonize after makeService
@@ -170,20 +170,18 @@ class WorkerSupervisor(Service):
         else:
             self._log_listening()
 
-    def _log_listening(self):
+    def _log_listening(self) -> None:
         recovery = self.recovery
-        host, port = self.sockets[0].getsockname()[:2]
-        kind = "tcp6" if self.sockets[0].family == socket.AF_INET6 else "tcp"
         self.log.info(
-            "cserver {version} listening on {kind}:{host}:{port} with {count} workers; "
+            "cserver {version} listening on {address} with {count} workers; "
             "journal {path} ({records} records, last seq {seq})",
-            version=__version__, kind=kind, host=host, port=port, count=self.count,
+            version=__version__, address=describe_socket(self.sockets[0]), count=self.count,
             path=self.journal.path, records=recovery.records, seq=recovery.last_seq,
         )
         if self.auth:
             self.log.info("{auth}", auth=self.auth)
 
-    def _ready(self, seq):
+    def _ready(self, seq: int) -> int:
         # The sockets listen since make_service: a connection waits in the
         # backlog until a worker accepts it.
         if self.running and not self.stopping:
@@ -191,47 +189,51 @@ class WorkerSupervisor(Service):
             self.notifier.ready(f"listening on {host}:{port} with {self.count} workers")
         return seq
 
-    def _spawn(self, index):
+    def _spawn(self, index: int) -> None:
         self._restarts.pop(index, None)
         slot = self.shared.slot(index)
-        argv = [
-            sys.executable, "-m", "cserver.worker", "--index", str(index),
-            "--workers", str(self.count),
-            "--family", "inet6" if self.sockets[index].family == socket.AF_INET6 else "inet",
-            "--base-served", str(slot.served), "--base-auth-failures", str(slot.auth_failures),
-            *self.worker_argv,
-        ]
-        process = WorkerProcess(self, index, self.reactor.seconds())
+        start = WorkerStart(
+            index=index,
+            family="inet6" if self.sockets[index].family == socket.AF_INET6 else "inet",
+            config=self.config, base_served=slot.served,
+            base_auth_failures=slot.auth_failures,
+        )
+        process = WorkerProcess(self, index, self.reactor.seconds(), start)
         self.processes[index] = process
         self.reactor.spawnProcess(
-            process, sys.executable, argv, env=dict(os.environ),
-            childFDs=self._child_fds(index),
+            process, sys.executable, [sys.executable, "-m", WORKER_MODULE],
+            env=dict(os.environ), childFDs=self._child_fds(index),
         )
         self.log.info("worker {index} started, pid {pid}", index=index, pid=process.pid)
 
-    def _child_fds(self, index):
+    def _child_fds(self, index: int) -> dict[int, int | str]:
         """
-        A worker's descriptors (see :mod:`cserver.worker`); it holds the
+        A worker's descriptors (see :mod:`cserver.workers`); it holds the
         journal's lock too, so the lock outlives a parent killed while its
         workers still answer their last MSGs.
         """
-        fds = {0: "w", 1: "r", 2: "r", 3: self.sockets[index].fileno(), 4: self.shared.fd}
+        fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r",
+                                     LISTEN_FD: self.sockets[index].fileno(),
+                                     SHARED_FD: self.shared.fd}
         if self.lock is not None and self.lock.fd is not None:
-            fds[5] = self.lock.fd
+            fds[LOCK_FD] = self.lock.fd
         return fds
 
-    def abandon(self):
+    def abandon(self) -> None:
         """
         Give up a supervisor that will not be started: close the sockets and
-        the journal, let go of the lock.
+        the journal (removed if this start created it), let go of the lock.
         """
         for sock in self.sockets:
             sock.close()
-        self.journal.close()
+        discard_journal(self.journal, self.recovery)
         if self.lock is not None:
             self.lock.release()
 
-    def worker_ended(self, process, reason):
+    def worker_ended(self, process: WorkerProcess, reason: Failure) -> None:
+        """
+        ``process`` exited: restart it after its delay, unless stopping.
+        """
         index = process.index
         if self.processes[index] is process:
             self.processes[index] = None
@@ -254,7 +256,7 @@ class WorkerSupervisor(Service):
         )
         self._restarts[index] = self.reactor.callLater(delay, self._spawn, index)
 
-    def log_totals(self):
+    def log_totals(self) -> None:
         """
         Log the totals over the workers and, when they changed since the last
         ``totals`` record, journal one (the C original's parent, too, writes
@@ -283,7 +285,7 @@ class WorkerSupervisor(Service):
     # -- stopping -----------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Any, Any, None]:
         super().stopService()
         self.stopping = True
         self.notifier.stopping()
@@ -295,7 +297,7 @@ class WorkerSupervisor(Service):
         self._restarts.clear()
         running = [p for p in self.processes if p is not None]
         for process in running:
-            process.transport.signalProcess("TERM")
+            process.signal("TERM")
         killer = self.reactor.callLater(STOP_TIMEOUT, self._kill, running)
         yield defer.DeferredList([p.ended for p in running])
         if killer.active():
@@ -316,83 +318,9 @@ class WorkerSupervisor(Service):
         self.log.info("cserver stopped: served {served}, total {total}",
                       served=totals["served"], total=total)
 
-    def _kill(self, processes):
+    def _kill(self, processes: list[WorkerProcess]) -> None:
         for process in processes:
             if not process.ended.called:
                 self.log.warn("worker {index} (pid {pid}) did not stop: killing it",
                               index=process.index, pid=process.pid)
-                process.transport.signalProcess("KILL")
-
-
-# -- wiring ---------------------------------------------------------------------------------
-
-def worker_arguments(config):
-    """
-    The ``cserver.worker`` options that carry ``config`` to a worker.
-    """
-    argv = [
-        "--journal", os.path.abspath(config["journal"]), "--fsync", config["fsync"],
-        "--users", ",".join(config["user_list"]),
-        "--max-connections", str(config["max-connections"]),
-        "--idle-timeout", str(config["idle-timeout"]),
-        "--auth-timeout", str(config["auth-timeout"]),
-        "--max-line", str(config["max-line"]),
-        "--work-delay", str(config["work-delay"]),
-        "--auth-throttle", str(config["auth-throttle"]),
-        "--writes", config["writes"],
-        "--sync", config["sync"],
-    ]
-    for description in config.get("auth_descriptions", ()):
-        argv += ["--auth", description]
-    return argv
-
-
-def make_service(config, reactor):
-    """
-    The parent's service for ``--workers N``: take the journal's lock,
-    prepare the journal and the shared memory, make the sockets.  Exits with
-    one line, leaving nothing behind, when the journal is in use or damaged
-    or the port cannot be bound.
-    """
-    from cserver.auth import describe_checkers
-    from cserver.journal import SharedFileJournal
-    from cserver.recovery import JournalDamaged
-    from cserver.shared import Shared
-    from cserver.tap import describe_listen_error, make_syncer, take_journal_lock
-
-    count = config["workers"]
-    family, host, port, backlog = parse_tcp(config["port"])
-    path = config["journal"]
-    lock = take_journal_lock(path)
-    try:
-        try:
-            sockets = reuseport_sockets(family, host, port, backlog, count)
-        except OSError as e:
-            raise SystemExit(f"cserver: cannot listen on {config['port']} (--port): "
-                             f"{describe_listen_error(e)}") from None
-        try:
-            shared = Shared.create(count)
-            recovery = SharedFileJournal.prepare(path, shared)
-            journal = SharedFileJournal.open(
-                path, reactor, shared, fsync=config["fsync"],
-                syncer=make_syncer(config["sync"], reactor),
-            )
-        except BaseException as e:
-            for sock in sockets:
-                sock.close()
-            if isinstance(e, JournalDamaged):
-                raise SystemExit(f"cserver: {e}") from None
-            if isinstance(e, OSError):
-                raise SystemExit(f"cserver: cannot open journal {path}: "
-                                 f"{e.strerror or e}") from None
-            raise
-    except BaseException:
-        lock.release()
-        raise
-    return WorkerSupervisor(reactor, shared, journal, recovery, sockets,
-                            worker_arguments(config), exit_cleanly=True,
-                            restart_delay=config["restart-delay"],
-                            max_restart_delay=config["restart-max-delay"], lock=lock,
-                            auth=describe_checkers(config.get("auth_descriptions"),
-                                                   config["user_list"]))
-
+                process.signal("KILL")
