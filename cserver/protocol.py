@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from cserver import __version__
 from cserver.auth import IUser, credentials_for
+from cserver.replies import NO_QUEUE, Reply, ReplyQueue
 
 #: Failed AUTHs after which a connection is closed.
 MAX_AUTH_FAILURES = 3
@@ -29,45 +30,8 @@ MAX_AUTH_FAILURES = 3
 MAX_USER_BYTES = 256
 
 _GREETING = b"HELLO cserver %s\r\n" % (__version__.encode("ascii"),)
-#: A connection's reply queue before its first MSG: empty, like the deque
-#: that replaces it.
-_NO_QUEUE = ()
-
-
-class _Reply:
-    """
-    A place in a connection's reply queue; for a MSG, also the callable the
-    journal acknowledges it through.
-    """
-
-    __slots__ = ("line", "protocol", "close")
-
-    def __init__(self, protocol, line=None, close=False):
-        self.protocol = protocol
-        self.line = line
-        self.close = close
-
-    def __call__(self, seq, reason):
-        protocol = self.protocol
-        if reason is None:
-            self.line = b"OK %d\r\n" % (seq,)
-        else:
-            self.line = b"ERR unavailable %s\r\n" % (reason.encode("utf-8"),)
-        protocol.factory.message_done(protocol, reason is None)
-        protocol.inflight -= 1
-        queue = protocol._queue
-        if queue[0] is self:
-            if len(queue) == 1:
-                queue.pop()
-                protocol.transport.write(self.line)
-            else:
-                protocol._send_ready()
-        if protocol.paused:
-            protocol._update_flow()
-
-
 @implementer(IPushProducer, IHandshakeListener, IHalfCloseableProtocol)
-class CServerProtocol(LineReceiver):
+class CServerProtocol(ReplyQueue, LineReceiver):
     """
     The server side of one connection.
 
@@ -84,21 +48,11 @@ class CServerProtocol(LineReceiver):
     peer = "-"
     host = "-"
     mine = 0
-    inflight = 0
     active = True
     idle_since = 0.0
-    paused = False
-    _closing = False
-    _read_closed = False
     _counted = False
-    _awaiting_auth = False
-    _writes_paused = False
     _auth_failures = 0
     connected_at = 0.0
-    #: Replies in request order, once one has had to wait: a deque, made by
-    #: the first MSG (an empty deque is 760 bytes, and a connection held
-    #: open without a MSG never needs one).
-    _queue = _NO_QUEUE
 
     # -- connection ---------------------------------------------------------
 
@@ -267,9 +221,9 @@ class CServerProtocol(LineReceiver):
         if not text:
             self._reply(b"ERR syntax MSG needs a text\r\n")
             return
-        reply = _Reply(self)
+        reply = Reply(self)
         queue = self._queue
-        if queue is _NO_QUEUE:
+        if queue is NO_QUEUE:
             queue = self._queue = deque()
         queue.append(reply)
         self.inflight += 1
@@ -368,90 +322,6 @@ class CServerProtocol(LineReceiver):
 
     def do_quit(self, _body=b""):
         self._close_with(b"OK bye\r\n")
-
-    # -- replies, in order --------------------------------------------------
-
-    def _reply(self, line):
-        if self._queue:
-            self._queue.append(_Reply(self, line))
-        else:
-            self.transport.write(line)
-
-    def _close_with(self, line):
-        """
-        Stop taking lines; send ``line`` after every reply owed, then close.
-        """
-        self._closing = True
-        if self._queue:
-            self._queue.append(_Reply(self, line, close=True))
-            self._send_ready()
-        else:
-            self._write_and_close(line)
-
-    def _send_ready(self):
-        queue = self._queue
-        write = self.transport.write
-        while queue and queue[0].line is not None:
-            reply = queue.popleft()
-            if reply.close:
-                queue.clear()
-                self._write_and_close(reply.line)
-            else:
-                write(reply.line)
-
-    def _write_and_close(self, line):
-        transport = self.transport
-        transport.write(line)
-        transport.unregisterProducer()
-        transport.loseConnection()
-
-    # -- flow control -------------------------------------------------------
-
-    def _update_flow(self):
-        """
-        Read from the client only while it is authenticated or authenticating
-        in step, its unanswered MSGs are under the factory's bound, and the
-        transport is not holding too many unsent replies.
-        """
-        if self._closing:
-            return
-        stop = (
-            self._awaiting_auth
-            or self.inflight >= self.factory.max_pending
-            or self._writes_paused
-        )
-        if stop == self.paused:
-            return
-        self.paused = stop
-        if self._read_closed:
-            # Nothing more to read: take the lines that waited, then end.
-            # (Resuming the transport would make it report the end again.)
-            if not stop:
-                self.dataReceived(b"")
-                self._end_of_requests()
-        elif stop:
-            self.transport.pauseProducing()
-        else:
-            self.transport.resumeProducing()
-            self.dataReceived(b"")
-
-    def pauseProducing(self):
-        """
-        The transport's write buffer is full: stop reading requests.
-        """
-        self._writes_paused = True
-        self._update_flow()
-
-    def resumeProducing(self):
-        """
-        The transport's write buffer has drained.
-        """
-        self._writes_paused = False
-        self._update_flow()
-
-    def stopProducing(self):
-        self._closing = True
-
 
 #: The request verbs and their handlers, each called with the bytes after
 #: the verb's space (verbs are matched as sent, then upper-cased).
