@@ -30,6 +30,8 @@ this wrapper.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
@@ -80,7 +82,7 @@ class HalfCloseableTLSProtocol(BufferingTLSTransport):
             # resumeProducing(), or after a close_notify passed on already.
             return
         if self._lostTLSConnection or not self._handshakeDone or self._halfCloseable() is None:
-            self.transport.connectionLost(Failure(ConnectionDone()))
+            cast(Any, self.transport).connectionLost(Failure(ConnectionDone()))
             return
         if not self.disconnecting:
             self._passOnHalfClose()
@@ -89,7 +91,7 @@ class HalfCloseableTLSProtocol(BufferingTLSTransport):
         # for the peer's, which will not come now.
         self._readClosed = True
         if not self._appSendBuffer and self._producer is None:
-            self.transport.loseConnection()
+            cast(Any, self.transport).loseConnection()
 
     def writeConnectionLost(self) -> None:
         """
@@ -111,7 +113,7 @@ class HalfCloseableTLSProtocol(BufferingTLSTransport):
         if self._readClosed:
             # Our close_notify is out; the peer's came already or never will.
             # (Twisted's closes the TCP connection only once both are seen.)
-            self.transport.loseConnection()
+            cast(Any, self.transport).loseConnection()
 
     def _flushReceiveBIO(self) -> None:
         # A copy of TLSMemoryBIOProtocol._flushReceiveBIO (pinned by
