@@ -84,6 +84,18 @@ def _fill(journal, events, batch=100):
     journal.flush()
 
 
+def _timed_fill(journal, records):
+    """
+    Seconds for ``journal`` to take and write ``records`` message records.
+    """
+    events = list(_events(records))
+    start = time.perf_counter()
+    _fill(journal, events)
+    elapsed = time.perf_counter() - start
+    journal.close()
+    return elapsed
+
+
 def child(what, path, records):
     from twisted.internet.task import Clock
 
@@ -95,23 +107,13 @@ def child(what, path, records):
         journal.close()
         return 0.0
     if what == "take+write":
-        events = list(_events(records))
         journal = journal_module.FileJournal.open(path, Clock(), fsync="never")
-        start = time.perf_counter()
-        _fill(journal, events)
-        elapsed = time.perf_counter() - start
-        journal.close()
-        return elapsed
+        return _timed_fill(journal, records)
     if what == "shared":
-        events = list(_events(records))
         shared = shared_memory.create(1)
         journal_module.SharedFileJournal.prepare(path, shared)
         journal = journal_module.SharedFileJournal.open(path, Clock(), shared, fsync="never")
-        start = time.perf_counter()
-        _fill(journal, events)
-        elapsed = time.perf_counter() - start
-        journal.close()
-        return elapsed
+        return _timed_fill(journal, records)
     if what == "header":
         # The header work of one batch under the lock (what _write_batch
         # reads and writes), ``records`` times.

@@ -59,12 +59,16 @@ def _check(path):
 # -- the subcommands ----------------------------------------------------------
 
 
+def _damaged(path, error, err):
+    err.write(f"{path}: damaged at byte {error.offset}: {error.why}\n")
+    return 1
+
+
 def cmd_verify(args, out, err):
     try:
         result = _check(args.path)
     except JournalDamaged as e:
-        err.write(f"{args.path}: damaged at byte {e.offset}: {e.why}\n")
-        return 1
+        return _damaged(args.path, e, err)
     first, last = edges(args.path, result)
     seqs = f", seq {first[0]}-{last[0]}" if first else ""
     counts = f"{result.records} records ({result.messages} messages){seqs}"
@@ -160,8 +164,7 @@ def cmd_stats(args, out, err):
     try:
         report = stats(args.path)
     except JournalDamaged as e:
-        err.write(f"{args.path}: damaged at byte {e.offset}: {e.why}\n")
-        return 1
+        return _damaged(args.path, e, err)
     if args.json:
         out.write(json.dumps(report, ensure_ascii=False).encode() + b"\n")
         return 0

@@ -25,14 +25,9 @@ SYNC_MODES = ("auto", "reactor", "thread")
 CallFromThread = Callable[..., Any]
 
 
-@implementer(ISyncer)
-class InlineSyncer:
+class _Bound:
     """
-    Sync each written batch at once, in the reactor thread.
-
-    A syncer is bound to a journal's ``sync()``, ``durable(seq)`` and
-    ``failed(seq, error)``; the journal calls ``request(seq)`` when it is
-    written up to ``seq`` and ``stop()`` when it closes.
+    What every syncer keeps of its journal: :meth:`bind`'s three callables.
     """
 
     def bind(self, sync: Callable[[], None], durable: Callable[[int], None],
@@ -40,6 +35,17 @@ class InlineSyncer:
         self._sync = sync
         self._durable = durable
         self._failed = failed
+
+
+@implementer(ISyncer)
+class InlineSyncer(_Bound):
+    """
+    Sync each written batch at once, in the reactor thread.
+
+    A syncer is bound to a journal's ``sync()``, ``durable(seq)`` and
+    ``failed(seq, error)``; the journal calls ``request(seq)`` when it is
+    written up to ``seq`` and ``stop()`` when it closes.
+    """
 
     def request(self, seq: int) -> None:
         """
@@ -57,7 +63,7 @@ class InlineSyncer:
 
 
 @implementer(ISyncer)
-class SyncThread:
+class SyncThread(_Bound):
     """
     Sync in a thread of its own: while the file is written further than it
     is synced, fdatasync again, and report through the reactor how far is
@@ -74,12 +80,6 @@ class SyncThread:
         self._wanted = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
-
-    def bind(self, sync: Callable[[], None], durable: Callable[[int], None],
-             failed: Callable[[int, BaseException], None]) -> None:
-        self._sync = sync
-        self._durable = durable
-        self._failed = failed
 
     def request(self, seq: int) -> None:
         with self._condition:
