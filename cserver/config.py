@@ -20,15 +20,17 @@ from typing import Any
 import attrs
 
 from cserver.endpoints import check_server
-from cserver.journal import FSYNC_MODES
+from cserver.journal import FSYNC_MODES, SYNC_MODES
 
-__all__ = ["DEFAULT_PORT", "SYNC_MODES", "WRITE_MODES", "Config", "Option", "options_rst"]
+__all__ = [
+    "DEFAULT_PORT", "POLL_MODES", "SYNC_MODES", "WRITE_MODES", "Config", "Option", "options_rst",
+]
 
 DEFAULT_PORT = "tcp:31337:interface=127.0.0.1"
 #: The --writes modes: see :mod:`cserver.eager`.
 WRITE_MODES = ("eager", "queued")
-#: The --sync modes: see :func:`cserver.journal.make_syncer`.
-SYNC_MODES = ("auto", "reactor", "thread")
+#: The --poll modes: see :mod:`cserver.poll`.
+POLL_MODES = ("lean", "twisted")
 
 #: The key of a field's :class:`Option` in its attrs metadata.
 _OPTION = "cserver.option"
@@ -148,6 +150,10 @@ class Config:
         "eager", "How replies are written: eager (sent at once when nothing is queued "
         "ahead) or queued (Twisted's default: sent when the reactor next finds the "
         "socket writable).", check=_one_of(WRITE_MODES))
+    poll: str = _option(
+        "lean", "How the epoll reactor calls a connection that is ready: lean (directly) "
+        "or twisted (Twisted's own loop, which also sets a legacy logging context per "
+        "call).", check=_one_of(POLL_MODES))
     users: tuple[str, ...] = _option(
         None, "Comma-separated user names AUTH accepts without --auth (default: the "
         "account running the server).", short="u", check=_names, converter=tuple,

@@ -15,6 +15,7 @@ from cserver import __version__
 from cserver.auth import allow_list_portal, describe_checkers, password_portal
 from cserver.config import Config, option_help, option_parameters
 from cserver.journal import FileJournal, make_syncer
+from cserver.poll import lean_poll
 from cserver.process import open_files_for, raise_open_file_limit, tune_interpreter
 from cserver.server import CServerFactory, Limits
 from cserver.service import CServerService
@@ -108,6 +109,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     config = options.config
+    if config.poll == "lean":
+        lean_poll(reactor)
     if config.workers > 1:
         raise_open_file_limit(config.max_connections + 64)
         supervisor = make_workers_service(config, reactor)

@@ -30,6 +30,7 @@ from zope.interface import provider
 from cserver.auth import allow_list_portal, password_portal
 from cserver.eager import eager_writes
 from cserver.journal import Shared, SharedFileJournal, make_syncer
+from cserver.poll import lean_poll
 from cserver.process import ParentWatch, raise_open_file_limit, tune_interpreter
 from cserver.server import CServerFactory, Limits
 from cserver.workers import LISTEN_FD, SHARED_FD, WorkerStart
@@ -209,6 +210,8 @@ def make_worker(start: WorkerStart, reactor: Any) -> Worker:
     (:data:`cserver.workers.SHARED_FD`), the journal, the portal, the factory.
     """
     config = start.config
+    if config.poll == "lean":
+        lean_poll(reactor)
     shared = Shared.attach(SHARED_FD, config.workers)
     journal = SharedFileJournal.open(
         config.journal, reactor, shared, fsync=config.fsync,

@@ -86,11 +86,12 @@ def test_writers_killed_at_random_lose_no_acked_record(path, shared, tmp_path):
             assert os.waitpid(pid, os.WNOHANG) == (0, 0), "a writer died on its own"
             time.sleep(0.001)
         if mid_batch:
-            # Aim at the lock holder: give it up to 100 tries to be writing.
-            for _ in range(100):
-                if shared.header.busy == pid:
-                    break
-                time.sleep(0.001)
+            # Aim at the lock holder: watch the header (no sleep: a batch
+            # holds the lock for microseconds) for up to a second.
+            header = shared.header
+            deadline = time.monotonic() + 1.0
+            while header.busy != pid and time.monotonic() < deadline:
+                pass
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 

@@ -17,6 +17,7 @@ from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from cserver import tap
 from cserver.auth import AllowListChecker, TextOrBytesChecker
 from cserver.endpoints import with_backlog
 from cserver.journal import AutoSyncer, InlineSyncer, SyncThread
@@ -45,6 +46,7 @@ BAD_OPTIONS = [
     (["--auth-throttle", "-2"], "^--auth-throttle must be at least 0, not -2$"),
     (["--users", " , "], "--users names nobody"),
     (["--writes", "lazy"], "--writes must be one of eager, queued"),
+    (["--poll", "fast"], "--poll must be one of lean, twisted"),
     (["--sync", "never"], "--sync must be one of auto, reactor, thread"),
 ]
 
@@ -206,6 +208,15 @@ class MakeServiceTests(RestoreInterpreter, Temporary, SynchronousTestCase):
         service = self.make("--journal", str(self.tmp_path / "j"))
         assert service.eager is True
         assert isinstance(service.factory.journal._syncer, AutoSyncer)
+
+    def test_make_service_gives_the_reactor_lean_polling_unless_told_not_to(self):
+        """By default makeService gives its reactor cserver.poll's lean loop;
+        ``--poll twisted`` leaves the reactor's own."""
+        for args, calls in [((), 1), (("--poll", "twisted"), 0)]:
+            seen = []
+            self.patch(tap, "lean_poll", seen.append)
+            service = self.make("--journal", str(self.tmp_path / f"j{len(args)}"), *args)
+            assert [r is service.reactor for r in seen] == [True] * calls, args
 
     def test_make_service_with_queued_writes_and_each_sync_mode(self):
         """--writes queued keeps Twisted's transport; --sync picks the journal's syncer."""

@@ -21,6 +21,7 @@ import importlib
 import inspect
 import os
 import pathlib
+import select
 import socket
 import sys
 
@@ -70,6 +71,11 @@ PINNED = {
     "_raiseSynchronously": "cserver/metrics.py (MetricsService: a port that cannot be bound "
                            "fails at once)",
     "_waitingForPort": "cserver/metrics.py (MetricsService listens before it starts)",
+    "_selectables": "cserver/poll.py (the lean doPoll finds each ready fd's selectable)",
+    "_poller": "cserver/poll.py (the lean doPoll polls the reactor's epoll object)",
+    "_doReadOrWrite": "cserver/poll.py (the lean doPoll calls it for all but plain reads)",
+    "_disconnectSelectable": "cserver/poll.py (the lean doPoll, after a read that ends "
+                             "the connection)",
 }
 
 
@@ -451,6 +457,56 @@ class StreamServerEndpointServiceTests(SynchronousTestCase):
             raised = False
         pins.check(raised, "StreamServerEndpointService._raiseSynchronously",
                    "set True, privilegedStartService() does not raise listen()'s failure")
+        pins.done()
+
+
+class EPollReactorTests(SynchronousTestCase):
+    """The epoll reactor's ``_selectables``, ``_poller`` and ``_doReadOrWrite``:
+    cserver.poll's doPoll is Twisted's but for the logging context, and reads
+    them as Twisted's does."""
+
+    def test_poll_internals(self):
+        """A new EPollReactor has ``_selectables`` (a dict of fd to selectable, with
+        its waker), ``_poller`` (an epoll object with ``poll(timeout, maxevents)``),
+        ``_doReadOrWrite(selectable, fd, event)``, and a ``doPoll`` that calls it
+        through ``log.callWithLogger`` with those names."""
+        from twisted.internet import epollreactor
+
+        pins = Pins(self)
+        reactor = epollreactor.EPollReactor()
+        try:
+            selectables = getattr(reactor, "_selectables", None)
+            pins.check(isinstance(selectables, dict) and selectables,
+                       "EPollReactor._selectables", "not a dict of fd to selectable")
+            poller = getattr(reactor, "_poller", None)
+            pins.check(hasattr(poller, "poll") and hasattr(poller, "register"),
+                       "EPollReactor._poller", "not an epoll object")
+            method = getattr(reactor, "_doReadOrWrite", None)
+            pins.check(callable(method) and list(inspect.signature(method).parameters)
+                       == ["selectable", "fd", "event"],
+                       "_PollLikeMixin._doReadOrWrite", "not (selectable, fd, event)")
+            pins.check(callable(getattr(reactor, "_disconnectSelectable", None))
+                       and list(inspect.signature(reactor._disconnectSelectable).parameters)
+                       == ["selectable", "why", "isRead", "faildict"],
+                       "_DisconnectSelectableMixin._disconnectSelectable",
+                       "not (selectable, why, isRead, faildict)")
+            pins.check(reactor._POLL_IN == select.EPOLLIN, "EPollReactor._POLL_IN",
+                       "not EPOLLIN: a plain read event is another number")
+            read_or_write = inspect.getsource(type(reactor)._doReadOrWrite)
+            pins.check(all(word in read_or_write for word in (
+                "selectable.fileno() == -1", "why = _NO_FILEDESC", "why = selectable.doRead()",
+                "log.err()", "self._disconnectSelectable(selectable, why, inRead)")),
+                "_PollLikeMixin._doReadOrWrite",
+                "no longer what cserver.poll does for a plain read event")
+            source = inspect.getsource(epollreactor.EPollReactor.doPoll)
+            pins.check(all(word in source for word in ("self._poller.poll(", "_selectables",
+                                                       "self._doReadOrWrite",
+                                                       "callWithLogger")),
+                       "EPollReactor.doPoll", "no longer the loop cserver.poll copies")
+        finally:
+            reactor._poller.close()
+            for fd in reactor._internalReaders:
+                fd.connectionLost(None)
         pins.done()
 
 
