@@ -26,6 +26,7 @@ exponent (``1e16`` for ``1e+16``), which no record the server writes holds
 from __future__ import annotations
 
 import json
+import operator
 import re
 from typing import Annotated, Any
 
@@ -41,6 +42,10 @@ FIELDS = "cserver_fields"
 MESSAGE_FORMAT = "server recvd message {text!r} from user {user}"
 
 _encode = msgspec.json.Encoder().encode
+#: What an event's name is made of.
+EVENT_NAME = re.compile("[a-z_]+")
+_PID = operator.attrgetter("pid")
+_EVENT = operator.attrgetter("event")
 
 
 def message_body(time: float, pid: int, user: str, text: str, peer: str) -> bytes:
@@ -96,10 +101,10 @@ class Head(msgspec.Struct, gc=False):
     dropped.
     """
 
-    seq: Annotated[int, msgspec.Meta(ge=1)]
+    seq: int
     time: float
-    event: Annotated[str, msgspec.Meta(pattern="^[a-z_]+$")]
-    pid: Annotated[int, msgspec.Meta(ge=0)]
+    event: str
+    pid: int
     user: str | None = None
 
 
@@ -114,24 +119,61 @@ class _CheckedHead(Head, gc=False):
     peer: Any = None
 
 
+class _StrictHead(msgspec.Struct, gc=False):
+    """
+    :class:`Head` with its values' constraints, for one line at a time:
+    msgspec checks them per record at about twice the cost of the decode, so
+    a block is decoded as :class:`Head` and checked by :func:`well_formed`.
+    """
+
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    time: float
+    event: Annotated[str, msgspec.Meta(pattern=rf"\A{EVENT_NAME.pattern}\Z")]
+    pid: Annotated[int, msgspec.Meta(ge=0)]
+    user: str | None = None
+
+
 _heads = msgspec.json.Decoder(Head)
 _checked_heads = msgspec.json.Decoder(_CheckedHead)
-#: Decode one record's line (bytes) as a :class:`Head`.
-decode_head = _heads.decode
+_strict_head = msgspec.json.Decoder(_StrictHead)
+
+
+def decode_head(line: bytes) -> Head:
+    """
+    One record's line as a :class:`Head`, every constraint checked.
+
+    :raises: one of :data:`DECODE_ERRORS`: the line is not a record.
+    """
+    strict = _strict_head.decode(line)
+    return Head(strict.seq, strict.time, strict.event, strict.pid, strict.user)
 
 
 def decode_heads(block: bytes, ascii: bool = True) -> list[Head]:
     """
-    Decode a block of whole lines as a list of :class:`Head`.  Unless the
-    block is ``ascii``, the strings of messages are checked to be UTF-8 too
-    (msgspec checks the strings it decodes, not those it skips; other
-    records' fields are not checked).
+    Decode a block of whole lines as a list of :class:`Head` (the values'
+    constraints are :func:`well_formed`'s to check).  Unless the block is
+    ``ascii``, the strings of messages are checked to be UTF-8 too (msgspec
+    checks the strings it decodes, not those it skips; other records'
+    fields are not checked).
 
     :raises: one of :data:`DECODE_ERRORS`: the block is not all records.
     """
     if ascii:
         return _heads.decode_lines(block)
     return _checked_heads.decode_lines(block)  # type: ignore[return-value]
+
+
+def well_formed(heads: list[Head]) -> bool:
+    """
+    Whether the decoded ``heads`` keep the constraints of a record: the
+    first seq at least 1 (contiguity, checked by recovery, does the rest),
+    every event a name of ``a-z`` and ``_``, no pid below 0.
+    """
+    if not heads or heads[0].seq < 1:
+        return bool(not heads)
+    events = set(map(_EVENT, heads))
+    return (all(EVENT_NAME.fullmatch(event) for event in events)
+            and min(map(_PID, heads)) >= 0)
 
 
 #: What :func:`decode_head` and :func:`decode_heads` raise on anything but
@@ -167,9 +209,10 @@ def read_head(line: bytes) -> Head | None:
     # msgspec refuses an escaped lone surrogate ("\ud800"), which JSON's
     # grammar allows and the json module reads.
     try:
-        return msgspec.convert(json.loads(line), Head)
+        strict = msgspec.convert(json.loads(line), _StrictHead)
     except (ValueError, msgspec.ValidationError):
         return None
+    return Head(strict.seq, strict.time, strict.event, strict.pid, strict.user)
 
 
 def one_per_line(block: bytes, count: int) -> bool:

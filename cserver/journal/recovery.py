@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from operator import attrgetter
 from typing import BinaryIO
 
 import attrs
@@ -29,10 +30,13 @@ from cserver.journal.record import (
     decode_heads,
     one_per_line,
     read_head,
+    well_formed,
 )
 
 #: How much of the file is decoded at a time, in bytes.
 CHUNK = 1 << 24
+
+_SEQ = attrgetter("seq")
 
 
 class JournalDamaged(Exception):
@@ -173,13 +177,13 @@ def _scan(path: str, f: BinaryIO,
         # chunk, or is the tail.
         cut = data.rfind(b"\n") + 1
         block, carry = data[:cut], data[cut:]
-        heads, names, end = _valid_prefix(block)
+        heads, block_users, end = _valid_prefix(block)
         if heads:
             if first is None:
                 first = _First(heads[0].event, block[:block.index(b"\n") + 1])
             _count(path, result, offset, heads, block)
-            result.messages += len(names)
-            users.update(names)
+            result.messages += block_users.total()
+            users.update(block_users)
         offset += end
         if end < len(block) or not chunk:
             tail = block[end:] + carry + f.read()
@@ -190,26 +194,26 @@ def _scan(path: str, f: BinaryIO,
     return result, offset, tail, first
 
 
-def _valid_prefix(block: bytes) -> tuple[list[Head], list[str], int]:
+def _valid_prefix(block: bytes) -> tuple[list[Head], Counter[str], int]:
     """
     The records of the longest prefix of ``block`` (whole lines) that is
-    all valid records, the users of the messages among them, and that
-    prefix's length.
+    all valid records, the messages per user among them, and that prefix's
+    length.
     """
     if not block:
-        return [], [], 0
+        return [], Counter(), 0
     ascii = block.isascii()
     try:
         heads = decode_heads(block, ascii)
-        names = [head.user for head in heads if head.event == "message" and head.user is not None]
-        if not ascii and len(names) != len(heads):
+        users = _messages(heads)
+        if not ascii and users.total() != len(heads):
             # Fields other than a message's are skipped, unchecked.
             block.decode("utf-8")
     except (*DECODE_ERRORS, UnicodeDecodeError):
         pass
     else:
-        if one_per_line(block, len(heads)):
-            return heads, names, len(block)
+        if one_per_line(block, len(heads)) and well_formed(heads):
+            return heads, users, len(block)
     # Something in the block is not a record: find the first such line.
     heads = []
     end = 0
@@ -220,8 +224,16 @@ def _valid_prefix(block: bytes) -> tuple[list[Head], list[str], int]:
             break
         heads.append(head)
         end = stop
-    names = [head.user for head in heads if head.event == "message" and head.user is not None]
-    return heads, names, end
+    return heads, _messages(heads), end
+
+
+def _messages(heads: list[Head]) -> Counter[str]:
+    """
+    The messages among ``heads``, per user (a message record without a user
+    is no message).
+    """
+    return Counter([head.user for head in heads
+                    if head.event == "message" and head.user is not None])
 
 
 def _holds_record(tail: bytes) -> bool:
@@ -248,7 +260,7 @@ def _count(path: str, result: Recovery, offset: int, heads: list[Head], block: b
     ``offset``) to ``result``, checking that their seqs go on without a gap.
     """
     first = heads[0].seq if not result.records else result.last_seq + 1
-    seqs = [head.seq for head in heads]
+    seqs = list(map(_SEQ, heads))
     if seqs[0] != first or seqs[-1] != first + len(seqs) - 1 \
             or seqs != list(range(first, first + len(seqs))):
         start = 0

@@ -107,6 +107,7 @@ DAMAGED = {
                      "not a valid record"),
     "event-not-a-name": (R1 + R2.replace(b'"event":"message"', b'"event":"Message!"') + R3,
                          len(R1), "not a valid record"),
+    "pid-negative": (R1 + R2.replace(b'"pid":', b'"pid":-') + R3, len(R1), "not a valid record"),
     "seq-gap": (R1 + R2 + R4, len(R1 + R2), "seq 4 where 3 was expected"),
     "duplicate-seq": (R1 + R2 + R2, len(R1 + R2), "seq 2 where 3 was expected"),
     "seq-backwards": (R1 + R2 + R3 + R2, len(R1 + R2 + R3), "seq 2 where 4 was expected"),
