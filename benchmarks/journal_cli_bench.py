@@ -4,7 +4,7 @@ Writes a journal of 1,000,000 records (a start record, then messages from
 several users, with the real FileJournal, as ``recovery_bench.py`` does) in a
 temporary directory, or at PATH when given one (an existing PATH is measured
 as it is), then runs each subcommand as a child process (``python -m
-cserver.journal_cli``, interpreter start-up included), output to /dev/null,
+cserver.journal.cli``, interpreter start-up included), output to /dev/null,
 and prints one line per command, with :func:`cserver.journal.recovery.recover`'s time
 on the same file for comparison::
 
@@ -34,7 +34,7 @@ def run(command, path):
     start = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
         status = subprocess.run(
-            [sys.executable, "-m", "cserver.journal_cli", *command, path],
+            [sys.executable, "-m", "cserver.journal.cli", *command, path],
             stdout=devnull, check=False,
         ).returncode
     return time.perf_counter() - start, status

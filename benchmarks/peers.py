@@ -29,12 +29,14 @@ import csv
 import io
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
-from _servers import ServerProcess, cserver, free_port, raise_open_files, rst_table, run_bench
+from _servers import cserver, free_port, raise_open_files, rst_table, run_bench
 
 USER = "bench"
 
@@ -48,18 +50,42 @@ def run_cserver(directory, connections, messages, *options):
     return report["msg_per_s"]
 
 
+def _wait_for_pong(port, process, timeout=30.0):
+    """
+    Wait until the Redis on ``port`` answers PING (it sends no greeting).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"redis-server exited with status {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"redis-server did not answer PING on port {port} within {timeout:g} s")
+
+
 def run_redis(directory, connections, messages):
     port = free_port()
     command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                "--appendonly", "yes", "--appendfsync", "always", "--save", "",
                "--dir", directory, "--maxclients", str(connections + 100),
                "--tcp-backlog", "4096", "--protected-mode", "no", "--daemonize", "no"]
-    with ServerProcess("redis-server", command, port=port, cwd=directory):
+    redis = subprocess.Popen(command, cwd=directory, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)
+    try:
+        _wait_for_pong(port, redis)
         done = subprocess.run(
             ["redis-benchmark", "-p", str(port), "-c", str(connections),
              "-n", str(connections * messages), "--csv",
              "XADD", "cserver-bench", "*", "text", "hello"],
             capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        redis.terminate()
+        redis.wait(30)
     rows = list(csv.reader(io.StringIO(done.stdout)))
     if done.returncode or len(rows) < 2:
         raise SystemExit(f"redis-benchmark failed: {done.stderr.strip() or done.stdout}")

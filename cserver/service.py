@@ -142,6 +142,10 @@ class CServerService(Service):
             records=journal.recovery.records,
             seq=journal.recovery.last_seq,
         )
+        if getattr(journal.recovery, "checkpoint", 0):
+            self.log.info("journal read from its checkpoint on, byte {offset}: the records "
+                          "before it were read at an earlier start (cserver-journal verify "
+                          "reads them all)", offset=journal.recovery.checkpoint)
         if self.auth:
             self.log.info("{auth}", auth=self.auth)
 
@@ -182,6 +186,23 @@ class CServerService(Service):
 
         return defer.maybeDeferred(reopen).addErrback(failed)
 
+    def _leave_checkpoint(self, journal: Any) -> None:
+        """
+        Once the journal closed cleanly, leave its checkpoint, so that the
+        next start reads only what follows it; a checkpoint that cannot be
+        written costs the next start a whole read, nothing more.
+        """
+        write = getattr(journal, "write_checkpoint", None)
+        if write is None:
+            return
+        try:
+            if write(dict(self.factory.users)):
+                self.log.info("journal checkpoint left at byte {size}, seq {seq}",
+                              size=journal.size, seq=journal.last_seq)
+        except OSError as e:
+            self.log.warn("journal checkpoint not written ({error}): the next start reads "
+                          "the whole journal", error=e)
+
     @defer.inlineCallbacks
     def stopService(self) -> Generator[Any, Any, None]:
         super().stopService()
@@ -198,7 +219,9 @@ class CServerService(Service):
             yield self.factory.record_stop()
         except OSError as e:
             self.log.error("could not journal the stop record: {error}", error=e)
-        self.factory.journal.close()
+        journal = self.factory.journal
+        journal.close()
+        self._leave_checkpoint(journal)
         if self.lock is not None:
             self.lock.release()
         self.log.info(

@@ -44,7 +44,7 @@ class BatchingJournal:
     """
 
     def __init__(self, clock, last_seq=0, size=0, fsync="always", sync_interval=1.0,
-                 syncer=None, messages=0):
+                 syncer=None, messages=0, records=0):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         self._clock = clock
@@ -55,6 +55,8 @@ class BatchingJournal:
         # batch written); _batch_messages counts those taken since the last flush.
         self.messages = messages
         self._batch_messages = 0
+        # Records written to this file (what recovery counted, then each batch).
+        self.record_count = records
         # While a reopen waits for the old file to be durable, batches are
         # held back (taken, numbered, not written): see FileJournal.reopen.
         self._holding = False
@@ -157,6 +159,7 @@ class BatchingJournal:
             return
         self.size = start + len(data)
         self.messages += messages
+        self.record_count += count
         if self._fsync != "always":
             self._dirty = True
             acknowledge(acks)
@@ -255,6 +258,15 @@ class BatchingJournal:
 
     def _release(self):
         pass
+
+    @property
+    def closed_cleanly(self) -> bool:
+        """
+        Whether the journal is closed, with everything it took written and
+        durable, and never broken.
+        """
+        return self._closed and not self._closing and not self._unsynced \
+            and not self._bodies and self.broken is None
 
 
 def call_ack(ack, seq, reason):

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from cserver.fs import create_durably, fsync_directory, write_all
 from cserver.journal.batch import FSYNC_MODES, BatchingJournal, describe_error
+from cserver.journal.checkpoint import write as write_checkpoint
 from cserver.journal.interfaces import IJournal
 from cserver.journal.record import record_body
 from cserver.journal.recovery import recover
@@ -51,6 +52,7 @@ class FileJournal(BatchingJournal):
             sync_interval=sync_interval,
             syncer=syncer,
             messages=recovery.messages,
+            records=recovery.records,
         )
         self.path = path
         self.recovery = recovery
@@ -59,6 +61,8 @@ class FileJournal(BatchingJournal):
         # whose write to the new file failed, to be written again.
         self._reopen = None
         self._retry = None
+        #: Files this journal moved to (reopens done).
+        self.reopens = 0
 
     @classmethod
     def open(cls, path, clock, fsync="always", sync_interval=1.0, syncer=None):
@@ -90,6 +94,22 @@ class FileJournal(BatchingJournal):
 
     def _release(self):
         os.close(self._fd)
+
+    def write_checkpoint(self, users: dict[str, int]) -> bool:
+        """
+        Leave a checkpoint (:mod:`cserver.journal.checkpoint`) for the next
+        start, with ``users`` as this file's messages per user -- once the
+        journal closed cleanly, and only if it never moved to a new file
+        (then its counts are not the new file's alone).
+
+        :returns: whether one was written.
+        :raises OSError: it could not be written.
+        """
+        if not self.closed_cleanly or self.reopens or self.size == 0:
+            return False
+        write_checkpoint(self.path, self.size, self.record_count, self.last_seq, self.messages,
+                         self.recovery.carried, users)
+        return True
 
     # -- reopening (log rotation) -----------------------------------------------
 
@@ -248,6 +268,8 @@ class FileJournal(BatchingJournal):
                 os.close(self._fd)
             self._fd = reopen.fd
             self.size = 0
+            self.record_count = 0
+            self.reopens += 1
             _log.info("journal {path}: reopened at seq {seq}; the previous file, {previous}, "
                       "ends at seq {last}", path=self.path, seq=reopen.seq,
                       previous=reopen.previous, last=reopen.seq - 1)

@@ -22,6 +22,8 @@ from typing import BinaryIO
 import attrs
 
 from cserver.fs import create_private, fsync_directory, write_all
+from cserver.journal.checkpoint import Checkpoint
+from cserver.journal.checkpoint import read as read_checkpoint
 from cserver.journal.record import (
     DECODE_ERRORS,
     START,
@@ -73,6 +75,9 @@ class Recovery:
         (messages in the files before it, rotated away), else 0;
         :func:`recover` only.
     :ivar users: messages per user.
+    :ivar checkpoint: the offset recovery read from: that of the journal's
+        checkpoint, where one held (:mod:`cserver.journal.checkpoint`), else
+        0 (the whole file was read).
     :ivar torn_bytes: how many bytes of torn tail were cut off.
     :ivar torn_path: the side file that holds them, or None.
     """
@@ -86,6 +91,7 @@ class Recovery:
     torn_bytes: int = 0
     torn_path: str | None = None
     carried: int = 0
+    checkpoint: int = 0
 
     def summary(self) -> dict[str, object]:
         """
@@ -103,6 +109,8 @@ class Recovery:
 def recover(path: str, chunk_size: int = CHUNK) -> Recovery:
     """
     Validate and count the journal at ``path``, cutting off a torn tail.
+    Where a :mod:`checkpoint <cserver.journal.checkpoint>` holds for the
+    file, start from it: only what follows is read.
 
     :raises JournalDamaged: a record before the end is damaged.
     """
@@ -111,8 +119,10 @@ def recover(path: str, chunk_size: int = CHUNK) -> Recovery:
     except FileNotFoundError:
         return Recovery(created=True)
     with f:
-        result, tail_offset, tail, first = _scan(path, f, chunk_size)
-    if first is not None and first.event == "reopen":
+        start = read_checkpoint(path, f)
+        f.seek(0)
+        result, tail_offset, tail, first = _scan(path, f, chunk_size, start)
+    if start is None and first is not None and first.event == "reopen":
         result.carried = _carried(first.line)
         result.messages += result.carried
     if tail:
@@ -158,16 +168,24 @@ def _carried(line: bytes) -> int:
     return total if type(total) is int and total >= 0 else 0
 
 
-def _scan(path: str, f: BinaryIO,
-          chunk_size: int) -> tuple[Recovery, int, bytes, _First | None]:
+def _scan(path: str, f: BinaryIO, chunk_size: int, start: Checkpoint | None = None,
+          ) -> tuple[Recovery, int, bytes, _First | None]:
     """
-    Count the valid records; return the result, the offset where they end,
-    the torn tail after them (empty when there is none) and the first record.
+    Count the valid records, from ``start`` on if given (else from the
+    first); return the result, the offset where they end, the torn tail
+    after them (empty when there is none) and the first record read.
     """
     result = Recovery()
     users: Counter[str] = Counter()
     first: _First | None = None
     offset = 0
+    if start is not None:
+        result = Recovery(records=start.records, last_seq=start.last_seq,
+                          messages=start.messages, carried=start.carried,
+                          checkpoint=start.size)
+        users.update(start.users)
+        offset = start.size
+        f.seek(offset)
     carry = b""
     tail = b""
     while True:
