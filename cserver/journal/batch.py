@@ -16,9 +16,10 @@ import os
 from collections import deque
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from cserver.journal.interfaces import Ack
+from cserver.journal.interfaces import Ack, ISyncer
 from cserver.journal.record import ACK, EVENT, FIELDS, batch, message_body, record_body
 from cserver.journal.syncers import InlineSyncer
 
@@ -43,8 +44,9 @@ class BatchingJournal:
     the first while syncs are quick and the second while they are slow.
     """
 
-    def __init__(self, clock, last_seq=0, size=0, fsync="always", sync_interval=1.0,
-                 syncer=None, messages=0, records=0):
+    def __init__(self, clock: IReactorTime, last_seq: int = 0, size: int = 0,
+                 fsync: str = "always", sync_interval: float = 1.0,
+                 syncer: ISyncer | None = None, messages: int = 0, records: int = 0) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         self._clock = clock
@@ -61,16 +63,18 @@ class BatchingJournal:
         # held back (taken, numbered, not written): see FileJournal.reopen.
         self._holding = False
         self._close_requested = False
-        self.broken = None
-        self._bodies = []
-        self._acks = []
-        self._flush_call = None
+        self.broken: str | None = None
+        # Record bodies taken and not yet written, and their acks (by seq, or
+        # in the shared journal by index in the batch).
+        self._bodies: list[bytes] = []
+        self._acks: list[tuple[int, Ack]] = []
+        self._flush_call: IDelayedCall | None = None
         self._dirty = False
-        self._sync_call = None
+        self._sync_call: IDelayedCall | None = None
         self._closed = False
         self._closing = False
         # Batches written and not yet durable: (first_seq, last_seq, start, acks).
-        self._unsynced = deque()
+        self._unsynced: deque[tuple[int, int, int, list[tuple[int, Ack]]]] = deque()
         self._syncer = syncer or InlineSyncer()
         self._syncer.bind(self._sync, self._durable, self._sync_failed)
         self._pid = os.getpid()
@@ -129,7 +133,7 @@ class BatchingJournal:
         self._flush_call = None
         self.flush()
 
-    def flush(self):
+    def flush(self) -> None:
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush_call = None
@@ -214,7 +218,7 @@ class BatchingJournal:
         self._sync_call = self._clock.callLater(interval, self._periodic_sync, interval)
         self.sync()
 
-    def sync(self):
+    def sync(self) -> None:
         """
         Sync what is written, if anything is not yet synced.
         """
@@ -230,7 +234,7 @@ class BatchingJournal:
                 reason=self.broken,
             )
 
-    def close(self):
+    def close(self) -> None:
         if self._closed:
             return
         if self._holding:
@@ -256,6 +260,20 @@ class BatchingJournal:
         self._sync_call = None
         self._release()
 
+    # -- the storage: what a subclass provides --------------------------------
+
+    def _append(self, data: bytes) -> None:
+        """Append ``data``; raise OSError when it cannot be written whole."""
+        raise NotImplementedError
+
+    def _sync(self) -> None:
+        """Make everything appended durable; raise OSError when it cannot."""
+        raise NotImplementedError
+
+    def _truncate(self, size: int) -> None:
+        """Cut the storage back to ``size`` bytes."""
+        raise NotImplementedError
+
     def _release(self):
         pass
 
@@ -269,7 +287,7 @@ class BatchingJournal:
             and not self._bodies and self.broken is None
 
 
-def call_ack(ack, seq, reason):
+def call_ack(ack: Ack, seq: int | None, reason: str | None) -> None:
     """
     Acknowledge one record; a failing ack is logged and spares the others.
     """
@@ -279,12 +297,12 @@ def call_ack(ack, seq, reason):
         _log.failure("journal: acknowledging seq {seq} failed", seq=seq)
 
 
-def refuse_acks(acks, reason):
+def refuse_acks(acks: list[tuple[int, Ack]], reason: str) -> None:
     for _seq, ack in acks:
         call_ack(ack, None, reason)
 
 
-def acknowledge(acks):
+def acknowledge(acks: list[tuple[int, Ack]]) -> None:
     # _call, inlined: this runs once per acknowledged message.
     for seq, ack in acks:
         try:

@@ -14,13 +14,14 @@ from contextlib import suppress
 from time import time
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from cserver.fs import create_durably, fsync_directory, write_all
 from cserver.journal.batch import FSYNC_MODES, BatchingJournal, describe_error
 from cserver.journal.checkpoint import write as write_checkpoint
-from cserver.journal.interfaces import IJournal
+from cserver.journal.interfaces import IJournal, ISyncer
 from cserver.journal.record import record_body
 from cserver.journal.recovery import recover
 
@@ -65,7 +66,8 @@ class FileJournal(BatchingJournal):
         self.reopens = 0
 
     @classmethod
-    def open(cls, path, clock, fsync="always", sync_interval=1.0, syncer=None):
+    def open(cls, path: str, clock: IReactorTime, fsync: str = "always",
+             sync_interval: float = 1.0, syncer: ISyncer | None = None) -> FileJournal:
         """
         Recover the journal at ``path`` (creating it, durably, if it does not
         exist) and open it for appending.
@@ -113,7 +115,7 @@ class FileJournal(BatchingJournal):
 
     # -- reopening (log rotation) -----------------------------------------------
 
-    def reopen(self):
+    def reopen(self) -> Deferred[int | None]:
         """
         Reopen the journal at its path, after something (logrotate) renamed
         the file away: SIGHUP.
@@ -146,7 +148,7 @@ class FileJournal(BatchingJournal):
             return fail(OSError(errno.EIO, f"journal broken: {self.broken}"))
         if self._reopen is not None:
             # One at a time: this one is answered with the reopen under way.
-            d = Deferred()
+            d: Deferred[int | None] = Deferred()
             self._reopen.waiters.append(d)
             return d
         if self._retry is not None:
@@ -178,7 +180,7 @@ class FileJournal(BatchingJournal):
             return fail(OSError(errno.EIO, f"journal broken: {self.broken}"))
         seq = self.last_seq + 1
         fields = {"previous": previous, "previous_last_seq": seq - 1, "total": self.messages}
-        done = Deferred()
+        done: Deferred[int | None] = Deferred()
         reopen = self._reopen = _Reopen(fd, created, previous, seq, done)
         reopen.body = record_body(time(), "reopen", self._pid, fields)
         self.last_seq = seq

@@ -9,13 +9,14 @@ import errno
 import fcntl
 import os
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from cserver.fs import create_durably, pwrite_all
 from cserver.journal.batch import FSYNC_MODES, acknowledge, describe_error, refuse_acks
 from cserver.journal.file import FileJournal
+from cserver.journal.header import Shared
 from cserver.journal.interfaces import IJournal
 from cserver.journal.record import batch
 from cserver.journal.recovery import Recovery, recover
@@ -93,7 +94,7 @@ class SharedFileJournal(FileJournal):
         pass
 
     @classmethod
-    def prepare(cls, path, shared):
+    def prepare(cls, path: str, shared: Shared) -> Recovery:
         """
         In the parent, before any journal is opened on ``shared``: recover
         the journal at ``path`` (creating it, durably, if it does not exist)
@@ -137,7 +138,7 @@ class SharedFileJournal(FileJournal):
             os.close(fd)
             raise
 
-    def reopen(self):
+    def reopen(self) -> Deferred[int | None]:
         """
         Not with ``--workers``: the parent ignores SIGHUP (see the docs on workers).
         """
@@ -165,7 +166,7 @@ class SharedFileJournal(FileJournal):
 
     # -- writing a batch -----------------------------------------------------
 
-    def flush(self):
+    def flush(self) -> None:
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush_call = None
