@@ -177,6 +177,13 @@ class Config:
     auth_throttle: int = _option(
         5, "Failed AUTHs in a row from one address after which its AUTHs are refused "
         "for 60 s (0: no limit).", **_number(int, 0))
+    dedup_window: float = _option(
+        120.0, "Seconds a PUT key is remembered: a PUT with the same key and text within "
+        "them gets the first one's seq back (OK <seq> dup) and journals nothing (0: PUT "
+        "is refused).", **_number(float, 0, " s"))
+    dedup_keys: int = _option(
+        1_000_000, "The most PUT keys remembered at once (the oldest leave first).",
+        **_number(int, 1))
     workers: int = _option(
         1, "Server processes (1: one process; N > 1: a parent and N workers sharing one "
         "tcp port and the journal).", **_number(int, 1))

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from cserver import __version__
 from cserver.auth import IUser, credentials_for
+from cserver.dedup import KEY
 from cserver.replies import NO_QUEUE, Reply, ReplyQueue
 
 #: Failed AUTHs after which a connection is closed.
@@ -29,7 +30,10 @@ MAX_AUTH_FAILURES = 3
 #: refused (``ERR syntax``) and journaled clipped to this length.
 MAX_USER_BYTES = 256
 
-_GREETING = b"HELLO cserver %s\r\n" % (__version__.encode("ascii"),)
+#: The protocol version this server speaks: 1.1 adds PUT.
+PROTOCOL = "1.1"
+_GREETING = b"HELLO cserver %s proto=%s\r\n" % (__version__.encode("ascii"),
+                                                 PROTOCOL.encode("ascii"))
 @implementer(IPushProducer, IHandshakeListener, IHalfCloseableProtocol)
 class CServerProtocol(ReplyQueue, LineReceiver):
     """
@@ -232,6 +236,48 @@ class CServerProtocol(ReplyQueue, LineReceiver):
         if self.inflight >= factory.max_pending:
             self._update_flow()
 
+    def do_put(self, body):
+        """
+        ``PUT <key> <text>``: a keyed message, journaled once however often
+        it is sent within the deduplication window (:mod:`cserver.dedup`).
+        """
+        if self.user is None:
+            self._reply(b"ERR noauth authenticate first\r\n")
+            return
+        key, _, text = body.partition(b" ")
+        key = key.decode("ascii", "replace")
+        if not KEY.fullmatch(key):
+            self._reply(b"ERR syntax PUT needs a key of 1 to 128 letters, digits or "
+                        b"._:@/+=- and a text\r\n")
+            return
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(b"ERR encoding line is not valid UTF-8\r\n")
+            return
+        if not text:
+            self._reply(b"ERR syntax PUT needs a text\r\n")
+            return
+        factory = self.factory
+        verdict = factory.key_verdict(self, key, text)
+        if verdict == "conflict":
+            self._reply(b"ERR conflict key %s was sent with another text\r\n"
+                        % (key.encode("ascii"),))
+            return
+        if verdict == "unsupported":
+            self._reply(b"ERR unsupported PUT is off on this server (--dedup-window 0)\r\n")
+            return
+        reply = Reply(self)
+        reply.dup = verdict == "duplicate"
+        queue = self._queue
+        if queue is NO_QUEUE:
+            queue = self._queue = deque()
+        queue.append(reply)
+        self.inflight += 1
+        factory.submit_keyed(self, key, text, reply)
+        if self.inflight >= factory.max_pending:
+            self._update_flow()
+
     def do_auth(self, body):
         if self.user is not None:
             self._reply(b"ERR state already authenticated\r\n")
@@ -327,6 +373,7 @@ class CServerProtocol(ReplyQueue, LineReceiver):
 #: the verb's space (verbs are matched as sent, then upper-cased).
 _VERBS = {
     b"MSG": CServerProtocol.do_msg,
+    b"PUT": CServerProtocol.do_put,
     b"AUTH": CServerProtocol.do_auth,
     b"STATS": CServerProtocol.do_stats,
     b"QUIT": CServerProtocol.do_quit,

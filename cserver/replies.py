@@ -24,20 +24,27 @@ class Reply:
     journal acknowledges it through.
     """
 
-    __slots__ = ("line", "protocol", "close")
+    __slots__ = ("line", "protocol", "close", "dup")
 
     def __init__(self, protocol, line=None, close=False):
         self.protocol = protocol
         self.line = line
         self.close = close
+        #: A duplicate PUT's: answered ``OK <seq> dup``, and nothing journaled.
+        self.dup = False
 
     def __call__(self, seq, reason):
         protocol = self.protocol
-        if reason is None:
-            self.line = b"OK %d\r\n" % (seq,)
-        else:
+        if reason is not None:
             self.line = b"ERR unavailable %s\r\n" % (reason.encode("utf-8"),)
-        protocol.factory.message_done(protocol, reason is None)
+        elif self.dup:
+            self.line = b"OK %d dup\r\n" % (seq,)
+        else:
+            self.line = b"OK %d\r\n" % (seq,)
+        if self.dup:
+            protocol.factory.duplicate_done(protocol, reason is None)
+        else:
+            protocol.factory.message_done(protocol, reason is None)
         protocol.inflight -= 1
         queue = protocol._queue
         if queue[0] is self:

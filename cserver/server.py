@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from cserver import __version__
 from cserver.auth import immediate_checker
 from cserver.config import Config
+from cserver.dedup import DedupWindow
 from cserver.journal import EVENT, FIELDS, JournalLogger
 from cserver.protocol import CServerProtocol
 from cserver.throttle import AuthThrottle, FailureLog
@@ -49,6 +50,8 @@ class Limits:
         ``auth_throttle_seconds`` after which its AUTHs are refused, unchecked,
         until that many seconds pass without a failure (0: never).
     :ivar auth_throttle_seconds: see ``auth_throttle``.
+    :ivar dedup_window: seconds a ``PUT`` key is remembered (0: no ``PUT``).
+    :ivar dedup_keys: the most keys remembered at once.
     """
 
     max_connections: int = _default("max_connections")
@@ -59,6 +62,8 @@ class Limits:
     max_pending: int = 1000
     auth_throttle: int = _default("auth_throttle")
     auth_throttle_seconds: float = 60.0
+    dedup_window: float = _default("dedup_window")
+    dedup_keys: int = _default("dedup_keys")
 
     @classmethod
     def from_config(cls, config: Config) -> Limits:
@@ -72,6 +77,8 @@ class Limits:
             max_line=config.max_line,
             work_delay=config.work_delay,
             auth_throttle=config.auth_throttle,
+            dedup_window=config.dedup_window,
+            dedup_keys=config.dedup_keys,
         )
 
 
@@ -115,6 +122,9 @@ class CServerFactory(ServerFactory):
         self.auth_failures = 0
         self.throttle = AuthThrottle(clock, limits.auth_throttle, limits.auth_throttle_seconds)
         self.failure_log = FailureLog(clock)
+        #: The PUT keys of the window (None: PUT is refused).
+        self.dedup = (DedupWindow(clock, limits.dedup_window, limits.dedup_keys)
+                      if limits.dedup_window else None)
         self.stopping = False
         self.protocols: set[Any] = set()
         self._drained: list[defer.Deferred[None]] = []
@@ -244,6 +254,55 @@ class CServerFactory(ServerFactory):
         else:
             self.journal_log.message(protocol.user, text, protocol.peer, ack)
 
+    def key_verdict(self, protocol: Any, key: str, text: str) -> str:
+        """
+        What a ``PUT`` of ``protocol``'s user with ``key`` and ``text`` is:
+        ``new``, a ``duplicate`` (the key is in the window with this text),
+        a ``conflict`` (with another text), or ``unsupported`` (no window:
+        ``--dedup-window 0``).
+        """
+        if self.dedup is None:
+            return "unsupported"
+        return self.dedup.check(protocol.user, key, text)
+
+    def submit_keyed(self, protocol: Any, key: str, text: str, reply: Any) -> None:
+        """
+        A ``PUT`` that :meth:`key_verdict` found new or a duplicate (then
+        ``reply.dup`` is set): journal ``text`` with ``key``, or answer with
+        the first record's seq.  ``reply(seq, reason)`` is called as for a MSG.
+        """
+        window = self.dedup
+        assert window is not None
+        user = protocol.user
+        self.inflight += 1
+        if self.inflight > self.inflight_peak:
+            self.inflight_peak = self.inflight
+        if reply.dup:
+            window.wait(user, key, reply)
+            return
+        if self.stopping:
+            reply(None, "server stopping")
+            return
+        window.taken(user, key, text)
+
+        def ack(seq: int | None, reason: str | None) -> None:
+            reply(seq, reason)
+            window.done(user, key, seq, reason)
+
+        if self.work_delay:
+            self.clock.callLater(self.work_delay, self.journal_log.message, user, text,
+                                 protocol.peer, ack, key)
+        else:
+            self.journal_log.message(user, text, protocol.peer, ack, key)
+
+    def duplicate_done(self, protocol: Any, acked: bool) -> None:
+        """
+        A duplicate ``PUT`` of ``protocol`` was answered (with the first
+        record's seq, or refused as the first was): nothing was journaled,
+        so nothing is counted but its end.
+        """
+        self.message_done(protocol, False)
+
     def message_done(self, protocol: Any, acked: bool) -> None:
         """
         A MSG of ``protocol`` was answered: acknowledged, or refused.
@@ -337,4 +396,5 @@ class CServerFactory(ServerFactory):
             "user_total": self.users.get(user, 0),
             "auth_failures": self.auth_failures,
             "auth_throttled": self.auth_throttled,
+            "duplicates": self.dedup.duplicates if self.dedup is not None else 0,
         }

@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from cserver import __version__
+from cserver.dedup import KEY
 from cserver.server import Limits
 
 from .common import make_factory
@@ -27,17 +28,27 @@ USERS = ("alice", "bob")
 MAX_LINE = 100
 #: Journal turns: none, a flush that succeeds, fails to write, fails to sync.
 TURNS = (None, None, "ok", "ok", "write", "sync")
-_VERBS = {b"MSG", b"AUTH", b"STATS", b"QUIT"}
-_REPLY = re.compile(rb"(HELLO cserver \S+|OK( [^\n]*)?|ERR [a-z]+( [^\n]*)?)\r\n\Z")
+_VERBS = {b"MSG", b"PUT", b"AUTH", b"STATS", b"QUIT"}
+_REPLY = re.compile(rb"(HELLO cserver \S+( proto=\S+)?|OK( [^\n]*)?|ERR [a-z]+( [^\n]*)?)\r\n\Z")
 
 
 class Slot:
-    """A MSG taken by the journal: its reply is OK <seq> or ERR unavailable."""
+    """A MSG (or a new PUT, with its ``key``) taken by the journal: its reply is
+    OK <seq> or ERR unavailable."""
 
-    def __init__(self, connection, text):
+    def __init__(self, connection, text, key=None):
         self.connection = connection
         self.text = text
+        self.key = key
         self.result = None
+
+
+class Dup:
+    """A PUT whose key was in the window with the same text: answered as the
+    first (``slot``) was, OK <its seq> dup, or the same ERR unavailable."""
+
+    def __init__(self, slot):
+        self.slot = slot
 
 
 class ModelConnection:
@@ -87,8 +98,33 @@ class ModelConnection:
             self.expected.append(("STATS", self.user or "-"))
         elif verb == b"MSG":
             self._msg(arg)
+        elif verb == b"PUT":
+            self._put(arg)
         else:
             self._auth(arg)
+
+    def _put(self, arg):
+        key, _, text = arg.partition(b" ")
+        if self.user is None:
+            self.expected.append(("ERR", "noauth"))
+        elif not KEY.fullmatch(key.decode("ascii", "replace")):
+            self.expected.append(("ERR", "syntax"))
+        elif _undecodable(text):
+            self.expected.append(("ERR", "encoding"))
+        elif not text:
+            self.expected.append(("ERR", "syntax"))
+        else:
+            text, key = text.decode("utf-8"), key.decode("ascii")
+            first = self.model.window.get((self.user, key))
+            if first is None:
+                slot = Slot(self, text, key)
+                self.model.window[(self.user, key)] = slot
+                self.expected.append(slot)
+                self.model.take(slot)
+            elif first.text != text:
+                self.expected.append(("ERR", "conflict"))
+            else:
+                self.expected.append(Dup(first))
 
     def _msg(self, arg):
         if self.user is None:
@@ -130,18 +166,28 @@ class Model:
         self.pending = []
         self.taken = []
         self.broken = False
+        #: The PUT keys in the window: (user, key) -> the first Slot.
+        self.window = {}
 
     def take(self, slot):
         self.taken.append(slot)
         if self.broken:
-            slot.result = "unavailable"
+            self._refused(slot)
         else:
             self.pending.append(slot)
+
+    def _refused(self, slot):
+        slot.result = "unavailable"
+        if slot.key is not None:  # a refused first PUT leaves the window
+            self.window.pop((slot.connection.user, slot.key), None)
 
     def flush(self, failure):
         """A journal turn: its batch is written, or fails (``write``, ``sync``)."""
         for slot in self.pending:
-            slot.result = "ok" if failure is None else "unavailable"
+            if failure is None:
+                slot.result = "ok"
+            else:
+                self._refused(slot)
         if failure == "sync":
             self.broken = True
         self.pending = []
@@ -205,6 +251,7 @@ class Run:
         assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
         by_seq = {r["seq"]: r for r in records if r["event"] == "message"}
         acked = {}
+        self.dups = []
         for index, ((protocol, transport), expected) in enumerate(
             zip(self.connections, (c.expected for c in self.model.connections), strict=True)
         ):
@@ -213,6 +260,9 @@ class Run:
             protocol.connectionLost(None)
         # Every message record is one acked MSG of an authenticated connection.
         assert set(by_seq) == set(acked)
+        # A duplicate PUT is told the seq its first was journaled at.
+        for seq, slot in self.dups:
+            assert acked.get(seq) is slot, (seq, slot.text)
         # The journal holds acked MSGs in the order the server took them.
         ok_slots = [slot for slot in self.model.taken if slot.result == "ok"]
         seq_of = {id(slot): seq for seq, slot in acked.items()}
@@ -227,14 +277,21 @@ class Run:
         lines = [line + b"\r\n" for line in data.split(b"\r\n")[:-1]]
         for line in lines:
             assert _REPLY.match(line), line
-        assert lines[0] == b"HELLO cserver %s\r\n" % (__version__.encode("ascii"),)
+        assert lines[0] == b"HELLO cserver %s proto=1.1\r\n" % (__version__.encode("ascii"),)
         actual = lines[1:]
         assert len(actual) == len(expected), (actual, expected)
         peer = f"127.0.0.{index + 1}:{40000 + index}"
         last_seq = 0
         for line, want in zip(actual, expected, strict=True):
             text = line[:-2].decode("utf-8", "replace")
-            if isinstance(want, Slot):
+            if isinstance(want, Dup):
+                if want.slot.result == "ok":
+                    match = re.fullmatch(r"OK (\d+) dup", text)
+                    assert match, (text, want.slot.text)
+                    self.dups.append((int(match.group(1)), want.slot))
+                else:
+                    assert text.startswith("ERR unavailable "), (text, want.slot.result)
+            elif isinstance(want, Slot):
                 if want.result == "ok":
                     match = re.fullmatch(r"OK (\d+)", text)
                     assert match, (text, want.text)
@@ -244,8 +301,8 @@ class Run:
                     record = by_seq.get(seq)
                     assert record is not None, f"OK {seq} but no such message record"
                     user = self.model.connections[index].user
-                    assert (record["text"], record["user"], record["peer"]) == (
-                        want.text, user, peer)
+                    assert (record["text"], record["user"], record["peer"],
+                            record.get("key")) == (want.text, user, peer, want.key)
                     acked[seq] = want
                 else:
                     assert text.startswith("ERR unavailable "), (text, want.result)

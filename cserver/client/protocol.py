@@ -116,6 +116,8 @@ class CserverClientProtocol(LineReceiver):
         self.greeted: defer.Deferred[str] = defer.Deferred(self._drop)
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.server_version: str | None = None
+        #: The protocol the server speaks ("1.0" before PUT; "1.1").
+        self.server_protocol: str | None = None
         self.user: str | None = None
         self._pending: deque[tuple[defer.Deferred[Any], Callable[[str], Any] | None]] = deque()
         self._lost: Failure | None = None
@@ -144,7 +146,11 @@ class CserverClientProtocol(LineReceiver):
 
     def _greeting(self, text: str) -> None:
         if text.startswith("HELLO "):
-            self.server_version = text.rpartition(" ")[2]
+            # HELLO cserver <version>[ proto=<protocol>]: 1.0 before PUT.
+            words = text.split(" ")
+            self.server_version = words[2] if len(words) > 2 else words[-1]
+            options = dict(word.partition("=")[::2] for word in words[3:])
+            self.server_protocol = options.get("proto", "1.0")
             self.greeted.callback(self.server_version)
             return
         error: Exception

@@ -95,7 +95,7 @@ class BatchingJournal:
         try:
             if kind == "message":
                 body = message_body(event["log_time"], self._pid, event["user"], event["text"],
-                                    event["peer"])
+                                    event["peer"], event.get("key"))
                 self._batch_messages += 1
             else:
                 body = record_body(event["log_time"], kind, self._pid, event.get(FIELDS))

@@ -53,11 +53,13 @@ class JournalLogger(Logger):
         self.emit(LogLevel.info, format, **{EVENT: kind, FIELDS: fields, ACK: ack}, **fields)
         return d
 
-    def message(self, user: str, text: str, peer: str, ack: Ack) -> None:
+    def message(self, user: str, text: str, peer: str, ack: Ack,
+                key: str | None = None) -> None:
         """
         Emit, at level info, the event of a message record: what
         ``emit(LogLevel.info, MESSAGE_FORMAT, cserver_event="message",
-        cserver_ack=ack, user=user, text=text, peer=peer)`` emits.
+        cserver_ack=ack, user=user, text=text, peer=peer, key=key)`` emits
+        (``key``: a ``PUT``'s, or None for a ``MSG``).
         """
         self.observer(
             {
@@ -66,6 +68,7 @@ class JournalLogger(Logger):
                 "user": user,
                 "text": text,
                 "peer": peer,
+                "key": key,
                 "log_logger": self,
                 "log_level": LogLevel.info,
                 "log_namespace": self.namespace,

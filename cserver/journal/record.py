@@ -6,9 +6,10 @@ UTF-8, whose first keys are ``seq`` (1, 2, 3... with no gap), ``time`` (Unix
 seconds, a float), ``event`` (``message``, ``start``, ``stop``,
 ``auth_failed``, ``reopen``...) and ``pid`` (the process that wrote it),
 followed by the event's own fields -- for a message ``user``, ``text`` and
-``peer``::
+``peer``, and for a keyed one (``PUT``) its ``key`` last::
 
     {"seq":7,"time":1764750000.123456,"event":"message","pid":4242,"user":"alice","text":"hi","peer":"127.0.0.1:50000"}
+    {"seq":8,"time":1764750000.223456,"event":"message","pid":4242,"user":"alice","text":"hi","peer":"127.0.0.1:50000","key":"order-17"}
 
 A record is made in two steps: its *body* (the object without ``seq``) when
 the journal takes the event, and its line (:func:`numbered`) when the batch
@@ -48,18 +49,24 @@ _PID = operator.attrgetter("pid")
 _EVENT = operator.attrgetter("event")
 
 
-def message_body(time: float, pid: int, user: str, text: str, peer: str) -> bytes:
+def message_body(time: float, pid: int, user: str, text: str, peer: str,
+                 key: str | None = None) -> bytes:
     """
-    A message record without its ``seq``: ``{"time":...,"peer":"..."}``.
+    A message record without its ``seq``: ``{"time":...,"peer":"..."}``,
+    and ``"key"`` last for a keyed message (``PUT``).
 
     :raises TypeError: ``user``, ``text`` or ``peer`` is not a str.
     :raises UnicodeEncodeError: a string holds a lone surrogate.
     """
     if type(user) is not str or type(text) is not str or type(peer) is not str:
         raise TypeError("a message's user, text and peer are str")
-    return _encode(
-        {"time": time, "event": "message", "pid": pid, "user": user, "text": text, "peer": peer}
-    )
+    if key is None:
+        return _encode({"time": time, "event": "message", "pid": pid, "user": user,
+                        "text": text, "peer": peer})
+    if type(key) is not str:
+        raise TypeError("a message's key is a str")
+    return _encode({"time": time, "event": "message", "pid": pid, "user": user, "text": text,
+                    "peer": peer, "key": key})
 
 
 def record_body(time: float, kind: str, pid: int, fields: dict[str, Any] | None) -> bytes:

@@ -17,7 +17,7 @@ def test_serves_and_stops_cleanly(server):
     """twistd cserver greets, authenticates, journals, acks; SIGTERM exits 0 after a stop record."""
     process = server()
     client = process.connect()
-    assert client.greeting == f"HELLO cserver {__version__}"
+    assert client.greeting == f"HELLO cserver {__version__} proto=1.1"
     assert client.request("AUTH alice") == "OK alice"
     assert client.request("MSG hello world") == "OK 2"
     stats = client.stats()

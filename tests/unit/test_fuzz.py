@@ -34,9 +34,15 @@ def _lines():
     """Request lines: valid verbs, near-misses, junk, invalid UTF-8, long lines."""
     text = st.text(st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)),
                    max_size=12)
-    verb = st.sampled_from(["MSG", "msg", "Msg", "AUTH", "auth", "STATS", "stats", "QUIT"])
+    verb = st.sampled_from(["MSG", "msg", "Msg", "PUT", "put", "AUTH", "auth", "STATS",
+                            "stats", "QUIT"])
     return st.one_of(
         st.tuples(st.just("msg"), st.sampled_from(["MSG", "msg"]), text),
+        # PUTs of a few keys and texts: new, duplicates (the same key and
+        # text again), conflicts (the same key, another text), bad keys.
+        st.tuples(st.just("put"), st.sampled_from(["PUT", "put"]),
+                  st.sampled_from(["k1", "k2", "a.b:c", "", "b!d", "k" * 129]),
+                  st.sampled_from(["one", "two", "", "t w o"])),
         st.tuples(st.just("auth"), st.sampled_from(["AUTH", "auth"]),
                   st.sampled_from(["alice", "bob", "mallory", "", " alice", "alice pw"])),
         st.tuples(st.just("plain"), st.sampled_from(["STATS", "stats", "MSG", "MSG ", "AUTH",
@@ -58,6 +64,8 @@ def _render(line, serial):
         return f"{line[1]} {line[2]}#{serial}".encode()
     if kind == "auth":
         return f"{line[1]} {line[2]}".encode()
+    if kind == "put":
+        return f"{line[1]} {line[2]} {line[3]}".encode()
     if kind == "plain":
         return line[1].encode()
     if kind == "raw":

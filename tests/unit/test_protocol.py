@@ -27,7 +27,7 @@ class FactoryCase:
 def authed(factory, user="alice"):
     protocol, transport = connect(factory)
     send(protocol, f"AUTH {user}")
-    assert replies(transport) == [f"HELLO cserver {__version__}", f"OK {user}"]
+    assert replies(transport) == [f"HELLO cserver {__version__} proto=1.1", f"OK {user}"]
     return protocol, transport
 
 
@@ -37,7 +37,7 @@ class GreetingAndConnectionTests(FactoryCase, SynchronousTestCase):
     def test_greeting_comes_first(self):
         """On connect the server sends HELLO cserver <version> before anything else."""
         _protocol, transport = connect(self.factory)
-        assert replies(transport) == [f"HELLO cserver {__version__}"]
+        assert replies(transport) == [f"HELLO cserver {__version__} proto=1.1"]
 
     def test_busy_over_max_connections(self):
         """Past --max-connections a new connection gets ERR busy and is closed."""
@@ -380,7 +380,7 @@ class StatsAndOrderTests(FactoryCase, SynchronousTestCase):
         """Pipelined requests are answered in order, even when a MSG waits on the journal."""
         protocol, transport = connect(self.factory)
         send(protocol, "AUTH alice", "MSG one", "STATS", "FROB", "MSG two", "QUIT")
-        assert replies(transport)[:2] == [f"HELLO cserver {__version__}", "OK alice"]
+        assert replies(transport)[:2] == [f"HELLO cserver {__version__} proto=1.1", "OK alice"]
         self.factory.clock.advance(0)
         lines = replies(transport)
         assert lines[0] == "OK 1"

@@ -1,0 +1,176 @@
+"""Keyed messages (PUT <key> <text>, protocol 1.1): each rule of the
+deduplication window, over StringTransport with a task.Clock and the memory
+journal."""
+
+import errno
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from cserver.dedup import DedupWindow
+from cserver.server import Limits
+
+from ..common import connect, make_factory, replies, send
+
+
+def authed(factory, user="alice"):
+    protocol, transport = connect(factory)
+    send(protocol, f"AUTH {user}")
+    assert replies(transport)[1:] == [f"OK {user}"]
+    return protocol, transport
+
+
+class PutTests(SynchronousTestCase):
+    """PUT through the protocol and the factory."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.factory = make_factory(clock=self.clock)
+        self.journal = self.factory.journal
+
+    def records(self):
+        return [r for r in self.journal.records() if r["event"] == "message"]
+
+    def test_the_greeting_says_protocol_1_1(self):
+        """HELLO names the protocol, so that a client can tell PUT is there."""
+        _protocol, transport = connect(self.factory)
+        assert replies(transport)[0].endswith(" proto=1.1")
+
+    def test_first_put_is_journaled_with_its_key_and_acked_as_a_msg(self):
+        """The first PUT of a key is journaled (its key in the record, last) and
+        answered OK <seq> once durable."""
+        protocol, transport = authed(self.factory)
+        send(protocol, "PUT order-1 two apples")
+        assert replies(transport) == []
+        self.clock.advance(0)
+        assert replies(transport) == ["OK 1"]
+        [record] = self.records()
+        assert (record["text"], record["key"]) == ("two apples", "order-1")
+        assert list(record)[-1] == "key"
+
+    def test_a_retry_gets_the_first_seq_marked_dup_and_journals_nothing(self):
+        """The same key and text again -- on the same connection or another --
+        gets OK <seq> dup with the first seq; nothing more is journaled;
+        STATS counts the duplicates, and total stays."""
+        protocol, transport = authed(self.factory)
+        send(protocol, "PUT k1 hello")
+        self.clock.advance(0)
+        assert replies(transport) == ["OK 1"]
+        send(protocol, "PUT k1 hello")
+        other, other_transport = authed(self.factory)
+        send(other, "PUT k1 hello")
+        self.clock.advance(0)
+        assert replies(transport) == ["OK 1 dup"]
+        assert replies(other_transport) == ["OK 1 dup"]
+        assert len(self.records()) == 1
+        send(protocol, "STATS")
+        stats = dict(item.split("=") for item in replies(transport)[0][3:].split())
+        assert (stats["duplicates"], stats["total"], stats["inflight"]) == ("2", "1", "0")
+
+    def test_a_retry_while_the_first_is_in_flight_waits_for_it(self):
+        """A duplicate sent before the first record is durable is answered only
+        once it is, with its seq; replies stay in request order."""
+        protocol, transport = authed(self.factory)
+        send(protocol, "PUT k2 hello", "PUT k2 hello", "MSG plain")
+        assert replies(transport) == []
+        self.clock.advance(0)
+        assert replies(transport) == ["OK 1", "OK 1 dup", "OK 2"]
+        assert [r.get("key") for r in self.records()] == ["k2", None]
+
+    def test_a_refused_first_record_refuses_its_waiting_duplicates_and_leaves(self):
+        """When the journal refuses the first record, the duplicates that waited
+        get the same ERR, and the key leaves the window: a later retry is
+        journaled as new."""
+        protocol, transport = authed(self.factory)
+        self.journal.fail_writes = OSError(errno.ENOSPC, "No space left on device")
+        send(protocol, "PUT k3 hello", "PUT k3 hello")
+        self.clock.advance(0)
+        self.flushLoggedErrors()
+        first, second = replies(transport)
+        assert first.startswith("ERR unavailable write failed") and second == first
+        self.journal.fail_writes = None
+        send(protocol, "PUT k3 hello")
+        self.clock.advance(0)
+        assert replies(transport) == ["OK 1"]
+
+    def test_the_same_key_with_another_text_is_a_conflict(self):
+        """A key in the window with another text gets ERR conflict; nothing is
+        journaled and the first stays."""
+        protocol, transport = authed(self.factory)
+        send(protocol, "PUT k4 one")
+        self.clock.advance(0)
+        send(protocol, "PUT k4 two", "PUT k4 one")
+        self.clock.advance(0)
+        assert replies(transport) == ["OK 1", "ERR conflict key k4 was sent with another text",
+                                      "OK 1 dup"]
+        assert len(self.records()) == 1
+
+    def test_keys_are_per_user(self):
+        """One user's key never matches another's: bob's k5 is a new message."""
+        alice, alice_transport = authed(self.factory, "alice")
+        bob, bob_transport = authed(self.factory, "bob")
+        send(alice, "PUT k5 hello")
+        self.clock.advance(0)
+        send(bob, "PUT k5 hello")
+        self.clock.advance(0)
+        assert replies(alice_transport) == ["OK 1"]
+        assert replies(bob_transport) == ["OK 2"]
+
+    def test_a_key_out_of_the_window_is_new_again(self):
+        """After --dedup-window seconds the key is forgotten: the same PUT is
+        journaled again (the guarantee's bound)."""
+        protocol, transport = authed(self.factory)
+        send(protocol, "PUT k6 hello")
+        self.clock.advance(0)
+        self.clock.advance(Limits().dedup_window + 1)
+        send(protocol, "PUT k6 hello")
+        self.clock.advance(0)
+        assert replies(transport) == ["OK 1", "OK 2"]
+
+    def test_bad_puts_get_one_line_and_journal_nothing(self):
+        """Before AUTH, a bad key, no text, or --dedup-window 0: one ERR line each."""
+        protocol, transport = connect(self.factory)
+        replies(transport)
+        send(protocol, "PUT k hello")
+        assert replies(transport) == ["ERR noauth authenticate first"]
+        send(protocol, "AUTH alice")
+        replies(transport)
+        send(protocol, "PUT b!d key", "PUT " + "k" * 129 + " x", "PUT k7", "PUT k7 ")
+        lines = replies(transport)
+        assert [line.split()[1] for line in lines] == ["syntax"] * 4, lines
+        off = make_factory(limits=Limits(dedup_window=0))
+        protocol, transport = authed(off)
+        send(protocol, "PUT k8 hello")
+        assert replies(transport) == ["ERR unsupported PUT is off on this server "
+                                      "(--dedup-window 0)"]
+        assert self.records() == [] and off.journal.records()[0:] == []
+
+
+class WindowTests(SynchronousTestCase):
+    """DedupWindow alone: its bounds."""
+
+    def test_the_count_bound_forgets_the_oldest_first(self):
+        """With more than ``keys`` durable keys, the oldest leave first."""
+        clock = Clock()
+        window = DedupWindow(clock, seconds=60, keys=3)
+        for index in range(5):
+            window.taken("u", f"k{index}", "t")
+            window.done("u", f"k{index}", index + 1, None)
+            clock.advance(1)
+        window.check("u", "k4", "t")
+        assert [window.check("u", f"k{i}", "t") for i in range(5)] == [
+            "new", "new", "duplicate", "duplicate", "duplicate"]
+        assert len(window) == 3
+
+    def test_remembered_keys_answer_duplicates_at_once(self):
+        """A key put back by recovery answers a duplicate with its seq at once."""
+        clock = Clock()
+        clock.advance(1000)
+        window = DedupWindow(clock, seconds=60)
+        window.remember("u", "k", "t", seq=42, time=990)
+        answers = []
+        assert window.check("u", "k", "t") == "duplicate"
+        window.wait("u", "k", lambda seq, reason: answers.append((seq, reason)))
+        assert answers == [(42, None)]
+        window.remember("u", "old", "t", seq=7, time=900)
+        assert window.check("u", "old", "t") == "new"
