@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 #: What a key is made of, and how long it may be.
@@ -132,6 +132,15 @@ class DedupWindow:
         waiting, entry.waiting = entry.waiting, []
         for answer in waiting:
             answer(seq, reason)
+
+    def rebuild(self, records: Iterable[Any]) -> None:
+        """
+        Put back the keyed message records (``user``, ``key``, ``text``,
+        ``seq``, ``time``; oldest first) that recovery read from the end of
+        the journal (:func:`cserver.journal.keyed.keyed_since`).
+        """
+        for record in records:
+            self.remember(record.user, record.key, record.text, record.seq, record.time)
 
     def remember(self, user: str, key: str, text: str, seq: int, time: float) -> None:
         """

@@ -265,7 +265,7 @@ class CServerProtocol(ReplyQueue, LineReceiver):
                         % (key.encode("ascii"),))
             return
         if verdict == "unsupported":
-            self._reply(b"ERR unsupported PUT is off on this server (--dedup-window 0)\r\n")
+            self._reply(b"ERR unsupported %s\r\n" % (factory.dedup_off.encode("utf-8"),))
             return
         reply = Reply(self)
         reply.dup = verdict == "duplicate"

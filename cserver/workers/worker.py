@@ -56,6 +56,9 @@ class WorkerFactory(CServerFactory):
     """
 
     noisy = False
+    # Each worker would keep a window of its own, and a retry may land on
+    # another worker: PUT waits for a window the workers share.
+    dedup_off = "PUT needs one process for now: this server runs --workers"
 
     def __init__(self, journal: Any, portal: Any, clock: Any, limits: Limits, shared: Shared,
                  index: int, base: dict[str, int] | None = None) -> None:
@@ -222,8 +225,8 @@ def make_worker(start: WorkerStart, reactor: Any) -> Worker:
     else:
         portal = allow_list_portal(config.users)
     base = {"served": start.base_served, "auth_failures": start.base_auth_failures}
-    factory = WorkerFactory(journal, portal, reactor, Limits.from_config(config), shared,
-                            start.index, base)
+    limits = attrs.evolve(Limits.from_config(config), dedup_window=0)
+    factory = WorkerFactory(journal, portal, reactor, limits, shared, start.index, base)
     return Worker(reactor, factory, _FAMILIES[start.family], eager=config.writes == "eager")
 
 

@@ -1,0 +1,54 @@
+"""Keyed messages (PUT) across restarts of a real server: the window is
+rebuilt from the journal, so a retry after a restart -- clean or kill -9 --
+gets the first seq back and journals nothing.
+
+End-to-end layer."""
+
+from ..server_process import read_journal
+
+
+def test_a_retry_after_a_restart_gets_the_first_seq_marked_dup(server):
+    """PUT, then SIGTERM and restart: the same PUT gets OK <first seq> dup; PUT,
+    then kill -9 and restart: the same; the journal holds each key once, and
+    the server says it speaks protocol 1.1."""
+    first = server()
+    client = first.connect()
+    assert client.greeting.endswith(" proto=1.1")
+    client.request("AUTH alice")
+    assert client.request("PUT order-1 two apples") == "OK 2"
+    client.close()
+    assert first.stop() == 0
+
+    second = server(journal=first.journal)
+    client = second.connect()
+    client.request("AUTH alice")
+    assert client.request("PUT order-1 two apples") == "OK 2 dup"
+    assert client.request("PUT order-1 three apples").startswith("ERR conflict")
+    assert client.request("PUT order-2 a pear") == "OK 5"
+    assert client.stats()["duplicates"] == "1"
+    client.close()
+    second.kill()
+
+    third = server(journal=first.journal)
+    client = third.connect()
+    client.request("AUTH alice")
+    assert client.request("PUT order-2 a pear") == "OK 5 dup"
+    assert client.request("PUT order-1 two apples") == "OK 2 dup"
+    client.close()
+    assert third.stop() == 0
+    keyed = [r["key"] for r in read_journal(first.journal) if "key" in r]
+    assert keyed == ["order-1", "order-2"]
+
+
+def test_put_is_refused_in_one_line_with_workers(server):
+    """With --workers the window is not shared yet: PUT gets ERR unsupported,
+    saying so, and journals nothing; MSG works as before."""
+    process = server("--workers", "2")
+    client = process.connect()
+    client.request("AUTH alice")
+    assert client.request("PUT k hello") == (
+        "ERR unsupported PUT needs one process for now: this server runs --workers")
+    assert client.request("MSG hello").startswith("OK ")
+    client.close()
+    assert process.stop() == 0
+    assert not any("key" in r for r in read_journal(process.journal))
