@@ -15,6 +15,7 @@ from twisted.internet import task
 import cserver
 from cserver.client.commands import SEND_EXIT_STATUS, run_bench, run_session
 from cserver.client.protocol import DEFAULT_HOST, DEFAULT_PORT
+from cserver.dedup import KEY
 
 #: ``send`` and ``stats``'s ``--timeout``, in seconds.
 DEFAULT_TIMEOUT = 30.0
@@ -48,6 +49,14 @@ def _message_text(text: str) -> str:
     """A ``send`` TEXT: one MSG line, so no line break (an argparse ``type``)."""
     if "\n" in text or "\r" in text:
         raise argparse.ArgumentTypeError(f"a message must not contain a line break: {text!r}")
+    return text
+
+
+def _key(text: str) -> str:
+    """A ``send --key``: 1 to 128 letters, digits or ``._:@/+=-`` (an argparse ``type``)."""
+    if not KEY.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"not a key: {text!r} (1 to 128 letters, digits or ._:@/+=-)")
     return text
 
 
@@ -110,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SEND_EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_connection_arguments(send)
     add_timeout_argument(send)
+    send.add_argument("--key", action="append", default=None, metavar="KEY", type=_key,
+                      help="send the TEXTs as keyed messages (PUT KEY TEXT, protocol "
+                      "1.1), one --key per TEXT, in order: sent again with the same keys, "
+                      "within the server's deduplication window, they are journaled once "
+                      "(a duplicate prints its first seq, and says so on stderr)")
     send.add_argument("texts", nargs="+", type=_message_text, metavar="TEXT",
                       help="one message each")
     stats = sub.add_parser("stats", help="print the server's STATS as key=value lines")
@@ -131,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     :param argv: the arguments (default: ``sys.argv[1:]``).
     :raises SystemExit: always, with the subcommand's exit status.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "send" and args.key is not None and len(args.key) != len(args.texts):
+        parser.error(f"give one --key per TEXT: {len(args.key)} keys, {len(args.texts)} texts")
     if args.command == "bench":
         sys.exit(run_bench(args))
 

@@ -94,7 +94,7 @@ def run_session(reactor: Any, args: argparse.Namespace, out: IO[str]) -> Any:
         complain(_reason(e, timeout))
         return EXIT_NOT_JOURNALED
     if args.command == "send":
-        code = yield send_messages(client, args.texts, timed, out, timeout)
+        code = yield send_messages(client, args.texts, timed, out, timeout, keys=args.key)
     else:
         code = yield print_stats(client, timed, out, timeout)
     if code == EXIT_FATE_UNKNOWN:
@@ -106,9 +106,10 @@ def run_session(reactor: Any, args: argparse.Namespace, out: IO[str]) -> Any:
 
 @defer.inlineCallbacks
 def send_messages(client: CserverClientProtocol, texts: Sequence[str], timed: Timed,
-                  out: IO[str], timeout: float) -> Any:
-    """Pipeline one MSG per text; print the seq of each acknowledged one to ``out``, in
-    order, and name each other one on stderr.
+                  out: IO[str], timeout: float, keys: Sequence[str] | None = None) -> Any:
+    """Pipeline one MSG per text (with ``keys``, one PUT per text and key); print the
+    seq of each acknowledged one to ``out``, in order, and name each other one on
+    stderr -- and each duplicate, a keyed message the server had already.
 
     :param timed: applies the timeout to a reply's Deferred.
     :param timeout: in seconds, as ``timed`` applies it (for the complaints).
@@ -116,12 +117,16 @@ def send_messages(client: CserverClientProtocol, texts: Sequence[str], timed: Ti
         else :data:`EXIT_FATE_UNKNOWN` when one got no reply, else
         :data:`EXIT_NOT_JOURNALED`.
     """
-    sends = [timed(client.send(text)) for text in texts]
+    sends = [timed(client.send(text, None if keys is None else keys[index]))
+             for index, text in enumerate(texts)]
     results = yield defer.DeferredList(sends, consumeErrors=True)
     code = 0
     for position, (text, (acked, result)) in enumerate(zip(texts, results, strict=True), 1):
         if acked:
             out.write(f"{result}\n")
+            if result.dup:
+                complain(f"message {position} of {len(texts)} {_clip(text)!r}: journaled "
+                         f"before, at seq {result} (a duplicate: journaled once)")
             continue
         problem, status = _unacknowledged(result.value, timeout)
         complain(f"message {position} of {len(texts)} {_clip(text)!r}: {problem}")

@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from cserver.dedup import KEY
+
 #: Where the server listens unless told otherwise.
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 31337
@@ -86,6 +88,23 @@ def parse_stats(data: str) -> dict[str, int | str]:
         except ValueError:
             stats[key] = value
     return stats
+
+
+class Seq(int):
+    """
+    The seq a message was journaled at; ``dup`` says the server had it
+    already (a retried ``PUT``: nothing more was journaled).
+    """
+
+    dup: bool = False
+
+
+def parse_ack(data: str) -> Seq:
+    """The data of ``OK <seq>`` or ``OK <seq> dup`` as a :class:`Seq`."""
+    number, _, flag = data.partition(" ")
+    seq = Seq(int(number))
+    seq.dup = flag == "dup"
+    return seq
 
 
 def _check_text(text: str, what: str) -> bytes:
@@ -221,13 +240,21 @@ class CserverClientProtocol(LineReceiver):
 
         return self.request(line).addCallback(authenticated)
 
-    def send(self, text: str) -> defer.Deferred[int]:
-        """``MSG text``.
+    def send(self, text: str, key: str | None = None) -> defer.Deferred[Seq]:
+        """``MSG text``, or with ``key`` ``PUT key text`` (protocol 1.1: sent
+        again with the same key, within the server's window, it is journaled
+        once).
 
-        :returns: a Deferred firing with the message's seq once it is durable.
-        :raises ValueError: when ``text`` holds a line break.
+        :returns: a Deferred firing with the message's seq (a :class:`Seq`,
+            ``dup`` set when the server had it already) once it is durable.
+        :raises ValueError: when ``text`` holds a line break, or ``key`` is
+            not a key (1 to 128 of letters, digits and ``._:@/+=-``).
         """
-        return self.request("MSG " + text, int)
+        if key is None:
+            return self.request("MSG " + text, parse_ack)
+        if not KEY.fullmatch(key):
+            raise ValueError(f"not a key: {key!r} (1 to 128 letters, digits or ._:@/+=-)")
+        return self.request(f"PUT {key} {text}", parse_ack)
 
     def stats(self) -> defer.Deferred[dict[str, int | str]]:
         """``STATS``.

@@ -72,6 +72,23 @@ def test_e2e_send_prints_consecutive_seqs_and_stats(server):
     assert int(stats["total"]) >= 2 and stats["user"] == E2E_USER and stats["mine"] == "0"
 
 
+def test_e2e_send_with_keys_journals_once_and_says_so(server):
+    """``send --key K1 --key K2 A B`` prints two seqs; the same command again
+    prints the same seqs (exit 0) and names each as a duplicate on stderr; a
+    --key count that is not the TEXT count is a usage error (exit 2)."""
+    argv = ("send", "--port", str(server.port), "--user", E2E_USER,
+            "--key", "cli-k1", "--key", "cli-k2", "first", "second")
+    done = cli(*argv)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    seqs = done.stdout.split()
+    again = cli(*argv)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == seqs
+    assert again.stderr.count("(a duplicate: journaled once)") == 2
+    bad = cli("send", "--port", str(server.port), "--key", "only-one", "a", "b")
+    assert bad.returncode == 2 and "give one --key per TEXT" in bad.stderr
+
+
 def test_e2e_unknown_user_fails_with_auth(server):
     """AUTH as a user the server does not know: exit 1 and the ERR auth on stderr."""
     done = cli("send", "--port", str(server.port), "--user", "nobody", "x")

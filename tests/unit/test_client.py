@@ -69,6 +69,40 @@ class Captured:
         return stdout, stderr
 
 
+class KeyedSendTests(SynchronousTestCase):
+    """send(text, key=...): PUT, and the seq it gets back."""
+
+    def test_send_with_a_key_is_a_put_and_reads_dup(self):
+        """With a key, send writes PUT KEY TEXT; OK <seq> gives a Seq with dup False,
+        OK <seq> dup one with dup True; without a key it is a MSG, as before."""
+        proto, transport = greeted_client()
+        first = proto.send("hello", key="k-1")
+        again = proto.send("hello", key="k-1")
+        plain = proto.send("hello")
+        assert transport.value() == b"PUT k-1 hello\nPUT k-1 hello\nMSG hello\n"
+        proto.dataReceived(b"OK 5\r\nOK 5 dup\r\nOK 6\r\n")
+        results = [result_of(d) for d in (first, again, plain)]
+        assert results == [5, 5, 6]
+        assert [r.dup for r in results] == [False, True, False]
+
+    def test_a_bad_key_is_refused_before_anything_is_sent(self):
+        """A key outside the charset or over 128 characters raises ValueError."""
+        proto, transport = greeted_client()
+        for key in ("", "sp ace", "k" * 129, "é"):
+            with self.assertRaises(ValueError):
+                proto.send("hello", key=key)
+        assert transport.value() == b""
+
+    def test_the_greeting_gives_version_and_protocol(self):
+        """HELLO cserver <version> proto=1.1 gives both; an old greeting gives 1.0."""
+        proto, _transport = greeted_client()
+        assert (proto.server_version, proto.server_protocol) == ("0.1.0", "1.0")
+        proto = CserverClientProtocol()
+        proto.makeConnection(StringTransport())
+        proto.dataReceived(b"HELLO cserver 0.2.0 proto=1.1\r\n")
+        assert (proto.server_version, proto.server_protocol) == ("0.2.0", "1.1")
+
+
 class ParseTests(SynchronousTestCase):
     """parse_reply and parse_stats: what a reply line and STATS data become."""
 
