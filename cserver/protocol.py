@@ -1,4 +1,4 @@
-"""One client connection: the line protocol v1 state machine.
+"""One client connection: the line protocol 1.1 state machine.
 
 Lines end with LF (a CR before it is dropped); replies end with CRLF and go
 out in request order, even when a MSG's reply waits on the journal.  The
