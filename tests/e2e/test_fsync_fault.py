@@ -20,8 +20,6 @@ import errno
 import os
 import re
 import select
-import shutil
-import subprocess
 import time
 from contextlib import contextmanager, suppress
 
@@ -29,7 +27,6 @@ import pytest
 
 from ..server_process import ServerProcess, read_journal
 
-SHIM_SOURCE = os.path.join(os.path.dirname(__file__), "fsync_fault.c")
 TRIGGER_VARIABLE = "CSERVER_FAULT_FSYNC_TRIGGER"
 
 #: Why the server refuses once an fsync failed (what ``_describe`` makes of EIO).
@@ -40,25 +37,6 @@ FAILURE_LOGGED = re.compile(
     re.escape(f"[cserver.journal#critical] journal: {REASON}; "
               "no more records are taken until restart")
 )
-
-
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory):
-    """
-    tests/e2e/fsync_fault.c built as a shared library; the test is skipped
-    without a C compiler.
-    """
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler (cc or gcc) to build the LD_PRELOAD fsync shim")
-    library = str(tmp_path_factory.mktemp("fsync_fault") / "fsync_fault.so")
-    result = subprocess.run(
-        [compiler, "-shared", "-fPIC", "-Wall", "-o", library, SHIM_SOURCE, "-ldl"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, f"cannot build the fsync shim:\n{result.stderr}"
-    return library
 
 
 class FaultyDisk:
