@@ -655,7 +655,7 @@ class ParserTests(Captured, SynchronousTestCase):
 
 
 #: cserver.client's modules, lowest first: each may import only those before it.
-LAYERS = ["protocol", "bench_protocol", "bench", "report", "local", "processes", "commands",
+LAYERS = ["protocol", "retrying", "bench_protocol", "bench", "report", "local", "processes", "commands",
           "cli", "child", "__main__", "__init__"]
 
 
