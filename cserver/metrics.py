@@ -73,6 +73,10 @@ class ServerCollector:
         yield CounterMetricFamily("cserver_auth_failures", "Failed AUTHs since start.",
                                   value=f.auth_failures)
         yield CounterMetricFamily(
+            "cserver_duplicates",
+            "PUTs answered OK <seq> dup since start: sent again, journaled once.",
+            value=f.dedup.duplicates if f.dedup is not None else 0)
+        yield CounterMetricFamily(
             "cserver_auth_throttled",
             "AUTHs refused unchecked since start: too many failures from the address.",
             value=f.auth_throttled)

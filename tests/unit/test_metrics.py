@@ -56,6 +56,7 @@ class ServerCollectorTests(SynchronousTestCase):
         factory.connections, factory.peak = 3, 9
         factory.inflight, factory.inflight_peak = 2, 5
         factory.auth_failures, factory.throttle.refused = 4, 1
+        factory.dedup.duplicates = 6
         factory.journal.size = 12345
         assert samples(registry_of(ServerCollector(factory))) == {
             ("cserver_messages_total", ()): 41,
@@ -65,6 +66,7 @@ class ServerCollectorTests(SynchronousTestCase):
             ("cserver_inflight", ()): 2,
             ("cserver_inflight_peak", ()): 5,
             ("cserver_auth_failures_total", ()): 4,
+            ("cserver_duplicates_total", ()): 6,
             ("cserver_auth_throttled_total", ()): 1,
             ("cserver_journal_bytes", ()): 12345,
         }
