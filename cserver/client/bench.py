@@ -12,6 +12,7 @@ what it did, a :class:`RunResult`.  The sessions themselves are
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -64,6 +65,8 @@ class BenchConfig:
     first: int = 0
     #: Open loop: this process's share of the MSGs (see :func:`~cserver.client.processes.split`).
     total: int | None = None
+    #: Keyed messages (``PUT <key> <text>``, each key new) instead of MSGs.
+    keyed: bool = False
 
     def total_messages(self) -> int:
         """How many MSGs the run sends in all.
@@ -154,6 +157,12 @@ class Bench(ClientFactory):
         password = "" if config.password is None else " " + config.password
         self.auth_line = f"AUTH {config.user}{password}\n".encode()
         self.msg_prefix = f"MSG {config.text} ".encode() if config.text else b"MSG "
+        #: With ``keyed``: each line is ``PUT <key_prefix><session>-<n> <text> ...``,
+        #: the prefix new for each run (keys of earlier runs may still be in the
+        #: server's window).
+        self.keyed = config.keyed
+        self.key_prefix = b"PUT b%s-" % (os.urandom(4).hex().encode(),)
+        self.text_prefix = f"{config.text} ".encode() if config.text else b"x "
 
     def start(self) -> defer.Deferred[RunResult]:
         """Open every connection.

@@ -184,8 +184,15 @@ class BenchProtocol(Protocol):
         start = self.sent
         self.sent = start + count
         self.to_send -= count
-        prefix = self.factory.msg_prefix
         number = self.number
+        factory = self.factory
+        if factory.keyed:
+            self.sent_at.extend([stamp] * count)
+            key, text = factory.key_prefix, factory.text_prefix
+            self.write(b"".join([b"%s%d-%d %s%d %d\n" % (key, number, i, text, number, i)
+                                 for i in range(start, start + count)]))
+            return
+        prefix = factory.msg_prefix
         if count == 1:
             self.sent_at.append(stamp)
             self.write(b"%s%d %d\n" % (prefix, number, start))

@@ -92,6 +92,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="MSGs in flight per session (%(default)s)")
     add("--text", default="bench",
         help="message text; each MSG carries TEXT CONNECTION NUMBER, so all differ")
+    add("--keyed", action="store_true",
+        help="send keyed messages (PUT KEY TEXT, protocol 1.1), each with a new key, "
+        "instead of MSGs")
     add("--rate", type=_at_least(float, 1e-9),
         help="open loop: R MSGs per second in all, on a fixed schedule; latency is "
         "measured from the intended send time")

@@ -206,7 +206,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         endpoint=endpoint_description(args.host, args.port, args.endpoint),
         user=args.user, password=args.password, connections=args.connections,
         messages=args.messages, pipeline=args.pipeline, text=args.text,
-        rate=args.rate, duration=args.duration, timeout=args.timeout,
+        rate=args.rate, duration=args.duration, timeout=args.timeout, keyed=args.keyed,
     )
 
 

@@ -89,6 +89,18 @@ def test_e2e_send_with_keys_journals_once_and_says_so(server):
     assert bad.returncode == 2 and "give one --key per TEXT" in bad.stderr
 
 
+def test_e2e_keyed_bench_journals_each_key_once(server):
+    """``bench --keyed`` sends PUTs, each with a new key: every one is acked, and the
+    journal holds each of its keys once (over two client processes too)."""
+    before = {r.get("key") for r in read_journal(server.journal)}
+    status, report, stderr = bench_json(server.port, "--keyed", "-c", "20", "-n", "15",
+                                        "-d", "3", "-P", "2")
+    assert status == 0 and report["acked"] == 300, stderr
+    keys = [r["key"] for r in read_journal(server.journal)
+            if r.get("key") and r["key"] not in before]
+    assert len(keys) == len(set(keys)) == 300
+
+
 def test_e2e_unknown_user_fails_with_auth(server):
     """AUTH as a user the server does not know: exit 1 and the ERR auth on stderr."""
     done = cli("send", "--port", str(server.port), "--user", "nobody", "x")
