@@ -21,9 +21,11 @@ tries again.  At start the window is rebuilt from the end of the journal
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import msgspec
 
 #: What a key is made of, and how long it may be.
 KEY = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -34,25 +36,32 @@ DEFAULT_KEYS = 1_000_000
 #: What a waiting duplicate is answered through: ``answer(seq, reason)``.
 Answer = Callable[[Any, Any], object]
 
+_encode = msgspec.json.Encoder().encode
 
-class _Entry:
-    """
-    One key in the window: its text's hash, when it was taken, its seq once
-    durable, and the duplicates waiting until then.
-    """
 
-    __slots__ = ("digest", "time", "seq", "waiting")
+#: The low 64 bits of a packed entry hold the text's digest.
+_MASK = (1 << 64) - 1
 
-    def __init__(self, digest: int, time: float, seq: int | None = None) -> None:
-        self.digest = digest
-        self.time = time
-        self.seq = seq
-        self.waiting: list[Answer] = []
+
+def _name(user: str, key: str) -> str:
+    # Neither a user name (AUTH reads it up to a space) nor a key holds a space.
+    return f"{user} {key}"
+
+
+def digest(text_json: bytes) -> int:
+    """The digest a window keeps of a text: of its JSON encoding, as the
+    journal's record holds it, so that recovery need not decode the text."""
+    return hash(text_json) & _MASK
 
 
 class DedupWindow:
     """
     The keys of the last ``seconds`` seconds (at most ``keys`` of them).
+
+    Each durable key costs one dict entry, ``"<user> <key>"`` to one int (the
+    seq and the text's digest packed), and a place in a per-second bucket
+    list; keys still in flight sit apart, with the duplicates waiting for
+    them.
 
     :param clock: ``seconds()`` gives the time (the reactor, a task.Clock).
     """
@@ -62,23 +71,33 @@ class DedupWindow:
         self.clock = clock
         self.seconds = seconds
         self.keys = keys
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._durable: dict[str, int] = {}
+        self._inflight: dict[str, tuple[int, list[Answer]]] = {}
+        self._buckets: deque[tuple[int, list[str]]] = deque()
         #: Requests answered as duplicates since start.
         self.duplicates = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._durable) + len(self._inflight)
 
     def _expire(self, now: float) -> None:
-        entries = self._entries
+        buckets, durable = self._buckets, self._durable
         cutoff = now - self.seconds
-        while entries:
-            key, entry = next(iter(entries.items()))
-            if entry.time >= cutoff and len(entries) <= self.keys:
-                return
-            if entry.seq is None:
-                return  # in flight: it leaves once answered
-            entries.popitem(last=False)
+        while buckets and buckets[0][0] < cutoff:
+            for name in buckets.popleft()[1]:
+                durable.pop(name, None)
+        while len(durable) > self.keys and buckets:
+            names = buckets[0][1]
+            durable.pop(names.pop(0), None)
+            if not names:
+                buckets.popleft()
+
+    def _file(self, name: str, second: int) -> None:
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1].append(name)
+        else:
+            buckets.append((second, [name]))
 
     def check(self, user: str, key: str, text: str) -> str:
         """
@@ -91,10 +110,16 @@ class DedupWindow:
             another text.
         """
         self._expire(self.clock.seconds())
-        entry = self._entries.get((user, key))
-        if entry is None:
-            return "new"
-        return "duplicate" if entry.digest == hash(text) else "conflict"
+        name = _name(user, key)
+        inflight = self._inflight.get(name)
+        if inflight is not None:
+            known = inflight[0]
+        else:
+            packed = self._durable.get(name)
+            if packed is None:
+                return "new"
+            known = packed & _MASK
+        return "duplicate" if known == digest(_encode(text)) else "conflict"
 
     def wait(self, user: str, key: str, answer: Answer) -> None:
         """
@@ -103,18 +128,19 @@ class DedupWindow:
         durable, else once it is (``answer(None, reason)`` if it is refused).
         """
         self.duplicates += 1
-        entry = self._entries[(user, key)]
-        if entry.seq is not None:
-            answer(entry.seq, None)
+        name = _name(user, key)
+        inflight = self._inflight.get(name)
+        if inflight is not None:
+            inflight[1].append(answer)
         else:
-            entry.waiting.append(answer)
+            answer(self._durable[name] >> 64, None)
 
     def taken(self, user: str, key: str, text: str) -> None:
         """
         ``user``'s message with ``key`` and ``text`` was handed to the
         journal: duplicates wait for it from now on.
         """
-        self._entries[(user, key)] = _Entry(hash(text), self.clock.seconds())
+        self._inflight[_name(user, key)] = (digest(_encode(text)), [])
 
     def done(self, user: str, key: str, seq: int | None, reason: str | None) -> None:
         """
@@ -122,33 +148,37 @@ class DedupWindow:
         ``seq``, or refused for ``reason`` (then the key leaves the window).
         Duplicates that waited get the same answer.
         """
-        entry = self._entries.get((user, key))
-        if entry is None:
+        name = _name(user, key)
+        inflight = self._inflight.pop(name, None)
+        if inflight is None:
             return
-        if reason is None:
-            entry.seq = seq
-        else:
-            del self._entries[(user, key)]
-        waiting, entry.waiting = entry.waiting, []
+        known, waiting = inflight
+        if reason is None and seq is not None:
+            self._durable[name] = seq << 64 | known
+            self._file(name, int(self.clock.seconds()))
         for answer in waiting:
             answer(seq, reason)
 
     def rebuild(self, records: Iterable[Any]) -> None:
         """
-        Put back the keyed message records (``user``, ``key``, ``text``,
-        ``seq``, ``time``; oldest first) that recovery read from the end of
-        the journal (:func:`cserver.journal.keyed.keyed_since`).
+        Put back the keyed message records that recovery read from the end of
+        the journal, oldest first (:func:`cserver.journal.keyed.keyed_since`:
+        ``user``, ``key``, ``seq``, ``time`` and ``text``, the text's JSON as
+        the record holds it); those older than the window are not.
         """
+        cutoff = self.clock.seconds() - self.seconds
+        durable, buckets = self._durable, self._buckets
+        names: list[str] = buckets[-1][1] if buckets else []
+        second = buckets[-1][0] if buckets else None
         for record in records:
-            self.remember(record.user, record.key, record.text, record.seq, record.time)
-
-    def remember(self, user: str, key: str, text: str, seq: int, time: float) -> None:
-        """
-        Put a durable keyed message back in the window (recovery), oldest
-        first; one older than the window is not.
-        """
-        if time < self.clock.seconds() - self.seconds:
-            return
-        self._entries[(user, key)] = _Entry(hash(text), time, seq)
-        self._entries.move_to_end((user, key))
+            when = record.time
+            if when < cutoff:
+                continue
+            name = record.user + " " + record.key
+            durable[name] = record.seq << 64 | (hash(bytes(record.text)) & _MASK)
+            if int(when) != second:
+                second = int(when)
+                names = []
+                buckets.append((second, names))
+            names.append(name)
         self._expire(self.clock.seconds())

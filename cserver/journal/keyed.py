@@ -29,7 +29,9 @@ class KeyedRecord(msgspec.Struct, gc=False):
     time: float
     event: str
     user: Any = None
-    text: Any = None
+    #: The text's JSON as the record holds it (not decoded: the window keeps
+    #: only a digest of it).
+    text: msgspec.Raw = msgspec.Raw(b"")
     key: Any = None
     previous: Any = None  # a reopen record's
 
@@ -85,7 +87,7 @@ def _scan_back(f: Any, since: float, limit: int, block: int,
             if record.time < since:
                 return None
             if record.event == "message" and type(record.key) is str \
-                    and type(record.user) is str and type(record.text) is str:
+                    and type(record.user) is str and bytes(record.text)[:1] == b'"':
                 found.append(record)
                 if len(found) >= limit:
                     return None

@@ -5,6 +5,7 @@ journal."""
 import errno
 import os
 import time
+from types import SimpleNamespace
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -167,18 +168,22 @@ class WindowTests(SynchronousTestCase):
             "new", "new", "duplicate", "duplicate", "duplicate"]
         assert len(window) == 3
 
-    def test_remembered_keys_answer_duplicates_at_once(self):
-        """A key put back by recovery answers a duplicate with its seq at once."""
+    def test_rebuilt_keys_answer_duplicates_at_once(self):
+        """A key put back by recovery answers a duplicate with its seq at once; one
+        older than the window is not put back; the text is compared by the
+        digest of its JSON, as the record holds it."""
         clock = Clock()
         clock.advance(1000)
         window = DedupWindow(clock, seconds=60)
-        window.remember("u", "k", "t", seq=42, time=990)
+        window.rebuild([SimpleNamespace(user="u", key="old", text=b'"t"', seq=7, time=900),
+                        SimpleNamespace(user="u", key="k", text=b'"t"', seq=42, time=990)])
         answers = []
         assert window.check("u", "k", "t") == "duplicate"
+        assert window.check("u", "k", "other") == "conflict"
         window.wait("u", "k", lambda seq, reason: answers.append((seq, reason)))
         assert answers == [(42, None)]
-        window.remember("u", "old", "t", seq=7, time=900)
         assert window.check("u", "old", "t") == "new"
+        assert len(window) == 1
 
 
 class RebuildTests(Temporary, SynchronousTestCase):
