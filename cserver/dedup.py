@@ -29,6 +29,9 @@ import msgspec
 
 #: What a key is made of, and how long it may be.
 KEY = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+#: The bytes a key is made of (``bytes.translate`` deletes them: what is left
+#: is not a key's).
+KEY_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@/+=-"
 #: The default window: JetStream's duplicate window.
 DEFAULT_SECONDS = 120.0
 DEFAULT_KEYS = 1_000_000
@@ -43,22 +46,12 @@ _encode = msgspec.json.Encoder().encode
 _MASK = (1 << 64) - 1
 
 
-def _name(user: str, key: str) -> str:
-    # Neither a user name (AUTH reads it up to a space) nor a key holds a space.
-    return f"{user} {key}"
-
-
-def digest(text_json: bytes) -> int:
-    """The digest a window keeps of a text: of its JSON encoding, as the
-    journal's record holds it, so that recovery need not decode the text."""
-    return hash(text_json) & _MASK
-
-
 class DedupWindow:
     """
     The keys of the last ``seconds`` seconds (at most ``keys`` of them).
 
-    Each durable key costs one dict entry, ``"<user> <key>"`` to one int (the
+    Each durable key costs one dict entry, ``"<user> <key>"`` (neither holds
+    a space: AUTH reads a user name up to one) to one int (the
     seq and the text's digest packed), and a place in a per-second bucket
     list; keys still in flight sit apart, with the duplicates waiting for
     them.
@@ -92,70 +85,61 @@ class DedupWindow:
             if not names:
                 buckets.popleft()
 
-    def _file(self, name: str, second: int) -> None:
-        buckets = self._buckets
-        if buckets and buckets[-1][0] == second:
-            buckets[-1][1].append(name)
-        else:
-            buckets.append((second, [name]))
-
-    def check(self, user: str, key: str, text: str) -> str:
+    def check(self, user: str, key: str, text: str) -> tuple[str, str]:
         """
         Look ``user``'s ``key`` up for a request with ``text``.
 
-        :returns: ``"new"`` when the key is not in the window (the caller
-            journals the message between :meth:`taken` and :meth:`done`);
+        :returns: the verdict and the key's name in the window.  ``"new"``
+            when the key was not in the window: it is now, in flight (the
+            caller journals the message and calls :meth:`done`);
             ``"duplicate"`` when it is, with the same text (the caller
             answers it through :meth:`wait`); ``"conflict"`` when it is, with
             another text.
         """
         self._expire(self.clock.seconds())
-        name = _name(user, key)
+        name = f"{user} {key}"
         inflight = self._inflight.get(name)
         if inflight is not None:
             known = inflight[0]
         else:
             packed = self._durable.get(name)
             if packed is None:
-                return "new"
+                self._inflight[name] = (hash(_encode(text)) & _MASK, [])
+                return "new", name
             known = packed & _MASK
-        return "duplicate" if known == digest(_encode(text)) else "conflict"
+        return ("duplicate" if known == hash(_encode(text)) & _MASK else "conflict"), name
 
-    def wait(self, user: str, key: str, answer: Answer) -> None:
+    def wait(self, name: str, answer: Answer) -> None:
         """
-        Answer a duplicate of ``user``'s ``key`` (:meth:`check` said so) with
+        Answer a duplicate of the key ``name`` (:meth:`check` said so) with
         the first record's seq: ``answer(seq, None)`` at once if it is
         durable, else once it is (``answer(None, reason)`` if it is refused).
         """
         self.duplicates += 1
-        name = _name(user, key)
         inflight = self._inflight.get(name)
         if inflight is not None:
             inflight[1].append(answer)
         else:
             answer(self._durable[name] >> 64, None)
 
-    def taken(self, user: str, key: str, text: str) -> None:
+    def done(self, name: str, seq: int | None, reason: str | None) -> None:
         """
-        ``user``'s message with ``key`` and ``text`` was handed to the
-        journal: duplicates wait for it from now on.
-        """
-        self._inflight[_name(user, key)] = (digest(_encode(text)), [])
-
-    def done(self, user: str, key: str, seq: int | None, reason: str | None) -> None:
-        """
-        The journal answered the message of ``user``'s ``key``: durable at
+        The journal answered the message of the key ``name``: durable at
         ``seq``, or refused for ``reason`` (then the key leaves the window).
         Duplicates that waited get the same answer.
         """
-        name = _name(user, key)
         inflight = self._inflight.pop(name, None)
         if inflight is None:
             return
         known, waiting = inflight
         if reason is None and seq is not None:
             self._durable[name] = seq << 64 | known
-            self._file(name, int(self.clock.seconds()))
+            second = int(self.clock.seconds())
+            buckets = self._buckets
+            if buckets and buckets[-1][0] == second:
+                buckets[-1][1].append(name)
+            else:
+                buckets.append((second, [name]))
         for answer in waiting:
             answer(seq, reason)
 

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from cserver import __version__
 from cserver.auth import IUser, credentials_for
-from cserver.dedup import KEY
+from cserver.dedup import KEY_BYTES
 from cserver.replies import NO_QUEUE, Reply, ReplyQueue
 
 #: Failed AUTHs after which a connection is closed.
@@ -147,6 +147,9 @@ class CServerProtocol(ReplyQueue, LineReceiver):
                 if data.startswith(b"MSG ") and self.user is not None and not self._closing:
                     self.active = True
                     self._msg(data[4:-2] if data.endswith(b"\r\n") else data[4:-1])
+                elif data.startswith(b"PUT ") and self.user is not None and not self._closing:
+                    self.active = True
+                    self.do_put(data[4:-2] if data.endswith(b"\r\n") else data[4:-1])
                 else:
                     self.lineReceived(data[:-1])
             finally:
@@ -245,8 +248,7 @@ class CServerProtocol(ReplyQueue, LineReceiver):
             self._reply(b"ERR noauth authenticate first\r\n")
             return
         key, _, text = body.partition(b" ")
-        key = key.decode("ascii", "replace")
-        if not KEY.fullmatch(key):
+        if not 0 < len(key) <= 128 or key.translate(None, KEY_BYTES):
             self._reply(b"ERR syntax PUT needs a key of 1 to 128 letters, digits or "
                         b"._:@/+=- and a text\r\n")
             return
@@ -258,8 +260,9 @@ class CServerProtocol(ReplyQueue, LineReceiver):
         if not text:
             self._reply(b"ERR syntax PUT needs a text\r\n")
             return
+        key = key.decode("ascii")
         factory = self.factory
-        verdict = factory.key_verdict(self, key, text)
+        verdict, name = factory.key_verdict(self, key, text)
         if verdict == "conflict":
             self._reply(b"ERR conflict key %s was sent with another text\r\n"
                         % (key.encode("ascii"),))
@@ -274,7 +277,7 @@ class CServerProtocol(ReplyQueue, LineReceiver):
             queue = self._queue = deque()
         queue.append(reply)
         self.inflight += 1
-        factory.submit_keyed(self, key, text, reply)
+        factory.submit_keyed(self, key, name, text, reply)
         if self.inflight >= factory.max_pending:
             self._update_flow()
 

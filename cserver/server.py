@@ -209,18 +209,19 @@ class CServerFactory(ServerFactory):
         else:
             self.journal_log.message(protocol.user, text, protocol.peer, ack)
 
-    def key_verdict(self, protocol: Any, key: str, text: str) -> str:
+    def key_verdict(self, protocol: Any, key: str, text: str) -> tuple[str, str]:
         """
-        What a ``PUT`` of ``protocol``'s user with ``key`` and ``text`` is:
-        ``new``, a ``duplicate`` (the key is in the window with this text),
-        a ``conflict`` (with another text), or ``unsupported`` (no window:
-        ``--dedup-window 0``).
+        What a ``PUT`` of ``protocol``'s user with ``key`` and ``text`` is --
+        ``new`` (now in the window, in flight), a ``duplicate`` (the key is in
+        the window with this text), a ``conflict`` (with another text), or
+        ``unsupported`` (no window: ``--dedup-window 0``) -- and the key's
+        name in the window.
         """
         if self.dedup is None:
-            return "unsupported"
+            return "unsupported", ""
         return self.dedup.check(protocol.user, key, text)
 
-    def submit_keyed(self, protocol: Any, key: str, text: str, reply: Any) -> None:
+    def submit_keyed(self, protocol: Any, key: str, name: str, text: str, reply: Any) -> None:
         """
         A ``PUT`` that :meth:`key_verdict` found new or a duplicate (then
         ``reply.dup`` is set): journal ``text`` with ``key``, or answer with
@@ -228,21 +229,23 @@ class CServerFactory(ServerFactory):
         """
         window = self.dedup
         assert window is not None
-        user = protocol.user
         self.inflight += 1
         if self.inflight > self.inflight_peak:
             self.inflight_peak = self.inflight
         if reply.dup:
-            window.wait(user, key, reply)
+            window.wait(name, reply)
             return
         if self.stopping:
             reply(None, "server stopping")
+            window.done(name, None, "server stopping")
             return
-        window.taken(user, key, text)
+        done = window.done
 
         def ack(seq: int | None, reason: str | None) -> None:
             reply(seq, reason)
-            window.done(user, key, seq, reason)
+            done(name, seq, reason)
+
+        user = protocol.user
 
         if self.work_delay:
             self.clock.callLater(self.work_delay, self.journal_log.message, user, text,

@@ -187,8 +187,12 @@ class BenchProtocol(Protocol):
         number = self.number
         factory = self.factory
         if factory.keyed:
-            self.sent_at.extend([stamp] * count)
             key, text = factory.key_prefix, factory.text_prefix
+            if count == 1:
+                self.sent_at.append(stamp)
+                self.write(b"%s%d-%d %s%d %d\n" % (key, number, start, text, number, start))
+                return
+            self.sent_at.extend([stamp] * count)
             self.write(b"".join([b"%s%d-%d %s%d %d\n" % (key, number, i, text, number, i)
                                  for i in range(start, start + count)]))
             return

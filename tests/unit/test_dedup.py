@@ -156,17 +156,18 @@ class WindowTests(SynchronousTestCase):
     """DedupWindow alone: its bounds."""
 
     def test_the_count_bound_forgets_the_oldest_first(self):
-        """With more than ``keys`` durable keys, the oldest leave first."""
+        """With more than ``keys`` durable keys, the oldest leave first (a check of
+        a forgotten key makes it new, and in flight, again)."""
         clock = Clock()
         window = DedupWindow(clock, seconds=60, keys=3)
         for index in range(5):
-            window.taken("u", f"k{index}", "t")
-            window.done("u", f"k{index}", index + 1, None)
+            verdict, name = window.check("u", f"k{index}", "t")
+            assert verdict == "new"
+            window.done(name, index + 1, None)
             clock.advance(1)
-        window.check("u", "k4", "t")
-        assert [window.check("u", f"k{i}", "t") for i in range(5)] == [
-            "new", "new", "duplicate", "duplicate", "duplicate"]
-        assert len(window) == 3
+        verdicts = [window.check("u", f"k{i}", "t")[0] for i in (4, 3, 2, 1, 0)]
+        assert verdicts == ["duplicate", "duplicate", "duplicate", "new", "new"]
+        assert len(window) == 5  # three durable, the two new ones in flight
 
     def test_rebuilt_keys_answer_duplicates_at_once(self):
         """A key put back by recovery answers a duplicate with its seq at once; one
@@ -178,12 +179,13 @@ class WindowTests(SynchronousTestCase):
         window.rebuild([SimpleNamespace(user="u", key="old", text=b'"t"', seq=7, time=900),
                         SimpleNamespace(user="u", key="k", text=b'"t"', seq=42, time=990)])
         answers = []
-        assert window.check("u", "k", "t") == "duplicate"
-        assert window.check("u", "k", "other") == "conflict"
-        window.wait("u", "k", lambda seq, reason: answers.append((seq, reason)))
+        verdict, name = window.check("u", "k", "t")
+        assert verdict == "duplicate"
+        assert window.check("u", "k", "other")[0] == "conflict"
+        window.wait(name, lambda seq, reason: answers.append((seq, reason)))
         assert answers == [(42, None)]
-        assert window.check("u", "old", "t") == "new"
-        assert len(window) == 1
+        assert window.check("u", "old", "t")[0] == "new"
+        assert len(window) == 2  # k durable, old in flight
 
 
 class RebuildTests(Temporary, SynchronousTestCase):
