@@ -276,11 +276,12 @@ def test_socket_activated_server_notifies_ready_and_stopping(short_dir):
             assert ready[0] == b"READY=1"
             assert ready[1].startswith(b"STATUS=listening on tcp:127.0.0.1:")
             client = LineClient(server.port)
-            assert client.greeting == f"HELLO cserver {__version__}"
+            assert client.greeting == f"HELLO cserver {__version__} proto=1.1"
             assert client.request("AUTH alice") == "OK alice"
             assert client.request("MSG under systemd") == "OK 2"
             client.close()
-            assert first.makefile("rb").readline() == f"HELLO cserver {__version__}\r\n".encode()
+            greeting = f"HELLO cserver {__version__} proto=1.1\r\n".encode()
+            assert first.makefile("rb").readline() == greeting
             first.close()
             receive_until(receiver, b"WATCHDOG=1", timeout=5)
             assert server.stop() == 0, "".join(server.output)
