@@ -12,7 +12,8 @@ whose key is in the window:
 - with another text gets ``ERR conflict``.
 
 A request whose key has left the window is a new message: the window is
-the guarantee's bound, as JetStream's duplicate window is.  A message whose
+the guarantee's bound, as JetStream's duplicate window is (a key leaves it
+up to a second after its window, never before).  A message whose
 record is refused (the journal broken) leaves the window, so that a retry
 tries again.  At start the window is rebuilt from the end of the journal
 (:func:`cserver.journal.reading.keyed_since`).
@@ -66,7 +67,7 @@ class DedupWindow:
         self.keys = keys
         self._durable: dict[str, int] = {}
         self._inflight: dict[str, tuple[int, list[Answer]]] = {}
-        self._buckets: deque[tuple[int, list[str]]] = deque()
+        self._buckets: deque[tuple[int, deque[str]]] = deque()
         #: Requests answered as duplicates since start.
         self.duplicates = 0
 
@@ -75,13 +76,16 @@ class DedupWindow:
 
     def _expire(self, now: float) -> None:
         buckets, durable = self._buckets, self._durable
-        cutoff = now - self.seconds
-        while buckets and buckets[0][0] < cutoff:
+        # A bucket holds the keys of one whole second: it goes once all of
+        # that second is out of the window (a key may stay up to a second
+        # longer than its window, never less).
+        cutoff = now - self.seconds - 1
+        while buckets and buckets[0][0] <= cutoff:
             for name in buckets.popleft()[1]:
                 durable.pop(name, None)
         while len(durable) > self.keys and buckets:
             names = buckets[0][1]
-            durable.pop(names.pop(0), None)
+            durable.pop(names.popleft(), None)
             if not names:
                 buckets.popleft()
 
@@ -139,7 +143,7 @@ class DedupWindow:
             if buckets and buckets[-1][0] == second:
                 buckets[-1][1].append(name)
             else:
-                buckets.append((second, [name]))
+                buckets.append((second, deque((name,))))
         for answer in waiting:
             answer(seq, reason)
 
@@ -152,7 +156,7 @@ class DedupWindow:
         """
         cutoff = self.clock.seconds() - self.seconds
         durable, buckets = self._durable, self._buckets
-        names: list[str] = buckets[-1][1] if buckets else []
+        names: deque[str] = buckets[-1][1] if buckets else deque()
         second = buckets[-1][0] if buckets else None
         for record in records:
             when = record.time
@@ -162,7 +166,7 @@ class DedupWindow:
             durable[name] = record.seq << 64 | (hash(bytes(record.text)) & _MASK)
             if int(when) != second:
                 second = int(when)
-                names = []
+                names = deque()
                 buckets.append((second, names))
             names.append(name)
         self._expire(self.clock.seconds())

@@ -169,6 +169,32 @@ class WindowTests(SynchronousTestCase):
         assert verdicts == ["duplicate", "duplicate", "duplicate", "new", "new"]
         assert len(window) == 5  # three durable, the two new ones in flight
 
+    def test_a_key_never_leaves_before_its_window(self):
+        """Keys are expired by whole seconds, never early: a key taken at 100.9 is
+        still a duplicate at 100.9 + window - 0.1 (the same second's bucket
+        holds keys whose window has not passed), and gone a second after its
+        window."""
+        clock = Clock()
+        clock.advance(100.9)
+        window = DedupWindow(clock, seconds=120)
+        _verdict, name = window.check("u", "k", "t")
+        window.done(name, 1, None)
+        clock.advance(120 - 0.1)
+        assert window.check("u", "k", "t")[0] == "duplicate"
+        clock.advance(1.2)
+        assert window.check("u", "k", "t")[0] == "new"
+
+    def test_the_count_bound_holds_within_one_second(self):
+        """Many keys in one second with a small count bound: exactly ``keys`` stay,
+        the newest."""
+        window = DedupWindow(Clock(), seconds=60, keys=10)
+        for index in range(1000):
+            _verdict, name = window.check("u", f"k{index}", "t")
+            window.done(name, index + 1, None)
+        window.check("u", "probe", "t")
+        kept = [i for i in range(1000) if window.check("u", f"k{i}", "t")[0] == "duplicate"]
+        assert kept == list(range(990, 1000))
+
     def test_rebuilt_keys_answer_duplicates_at_once(self):
         """A key put back by recovery answers a duplicate with its seq at once; one
         older than the window is not put back; the text is compared by the
