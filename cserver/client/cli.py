@@ -95,6 +95,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--keyed", action="store_true",
         help="send keyed messages (PUT KEY TEXT, protocol 1.1), each with a new key, "
         "instead of MSGs")
+    add("--retry", action="store_true",
+        help="with --keyed: send every message until acknowledged, reconnecting and "
+        "resending with its key after any failure (a server restart mid-run); the "
+        "report counts the resends answered dup")
     add("--rate", type=_at_least(float, 1e-9),
         help="open loop: R MSGs per second in all, on a fixed schedule; latency is "
         "measured from the intended send time")

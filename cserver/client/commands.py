@@ -41,6 +41,7 @@ from cserver.client.protocol import (
     within,
 )
 from cserver.client.report import format_table, make_report
+from cserver.client.retry_bench import run_retrying_local
 
 #: ``send``'s exit statuses beyond 0 (all acknowledged) and 2 (usage error).
 EXIT_NOT_JOURNALED = 1
@@ -210,6 +211,34 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def _run_retrying(args: argparse.Namespace, config: BenchConfig, stdout: IO[str],
+                  stderr: IO[str]) -> int:
+    """``bench --keyed --retry``: one process of RetryingSenders; its report."""
+    if not config.keyed:
+        complain("--retry needs --keyed: only keyed messages can be sent again safely", stderr)
+        return EXIT_USAGE
+    if args.processes > 1 or config.rate:
+        complain("--retry runs in one process, closed loop (no --processes, no --rate)",
+                 stderr)
+        return EXIT_USAGE
+    problem = ensure_open_files(config.connections)
+    if problem:
+        complain(problem, stderr)
+        return 1
+    report = run_retrying_local(config)
+    for failure in report.failed[:10]:
+        complain(f"refused for good: {failure}", stderr)
+    fields = attrs.asdict(report)
+    del fields["seqs"]
+    if args.json:
+        stdout.write(json.dumps(fields) + "\n")
+    else:
+        stdout.write(" ".join(f"{key}={value}" for key, value in fields.items()
+                              if key != "failed") + "\n")
+    stdout.flush()
+    return 0 if report.ok else 1
+
+
 def run_bench(args: argparse.Namespace, stdout: IO[str] | None = None,
               stderr: IO[str] | None = None) -> int:
     """``cserver-client bench``: run it, print the report.
@@ -226,6 +255,8 @@ def run_bench(args: argparse.Namespace, stdout: IO[str] | None = None,
     if args.processes > config.connections:
         complain("more --processes than --connections", stderr)
         return EXIT_USAGE
+    if args.retry:
+        return _run_retrying(args, config, stdout, stderr)
     if args.processes > 1:
         results = run_processes(config, args.processes)
     else:

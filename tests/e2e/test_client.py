@@ -101,6 +101,20 @@ def test_e2e_keyed_bench_journals_each_key_once(server):
     assert len(keys) == len(set(keys)) == 300
 
 
+def test_e2e_retrying_keyed_bench_reports_and_refuses_misuse(server):
+    """``bench --keyed --retry`` sends every keyed message until acknowledged and
+    reports acked, duplicates and resends; --retry without --keyed is a usage
+    error (exit 2)."""
+    done = cli("bench", "--port", str(server.port), "--user", E2E_USER, "--keyed", "--retry",
+               "-c", "10", "-n", "20", "-d", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert (report["ok"], report["messages"], report["acked"]) == (True, 200, 200)
+    assert report["duplicates"] == 0 and report["resends"] == 0
+    bad = cli("bench", "--port", str(server.port), "--retry")
+    assert bad.returncode == 2 and "--retry needs --keyed" in bad.stderr
+
+
 def test_e2e_unknown_user_fails_with_auth(server):
     """AUTH as a user the server does not know: exit 1 and the ERR auth on stderr."""
     done = cli("send", "--port", str(server.port), "--user", "nobody", "x")

@@ -4,6 +4,12 @@ gets the first seq back and journals nothing.
 
 End-to-end layer."""
 
+import json
+import socket
+import subprocess
+import sys
+import time
+
 from ..server_process import read_journal
 
 
@@ -52,3 +58,33 @@ def test_put_is_refused_in_one_line_with_workers(server):
     client.close()
     assert process.stop() == 0
     assert not any("key" in r for r in read_journal(process.journal))
+
+
+def test_retrying_bench_survives_a_restart_mid_run(server, tmp_path):
+    """``cserver-client bench --keyed --retry`` against a server killed (-9) and
+    started again once it has acknowledged some: the run still ends with every
+    message acknowledged once, and reports the reconnects."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    journal = str(tmp_path / "journal.jsonl")
+    listen = ("--port", f"tcp:{port}:interface=127.0.0.1")
+    process = server(*listen, journal=journal)
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "cserver.client", "bench", "--port", str(port), "--user",
+         "alice", "--keyed", "--retry", "-c", "20", "-n", "100", "-d", "4", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Awaited, not timed: the journal holds keyed records before the kill.
+    deadline = time.monotonic() + 60
+    while b'"key":' not in open(journal, "rb").read():
+        assert time.monotonic() < deadline and bench.poll() is None
+        time.sleep(0.01)
+    process.kill()
+    process = server(*listen, journal=journal)
+    out, err = bench.communicate(timeout=120)
+    assert bench.returncode == 0, err
+    report = json.loads(out.splitlines()[-1])
+    assert (report["ok"], report["acked"]) == (True, 2000)
+    assert report["reconnects"] >= 1
+    keys = [r["key"] for r in read_journal(journal) if "key" in r]
+    assert len(keys) == len(set(keys)) == 2000

@@ -106,7 +106,7 @@ def _kill_and_check(start, port, journal, tmp_path):
     assert kills == KILLS, f"the load ended after {kills} kills: {''.join(output)}"
     assert process.stop() == 0
     result = json.loads(report.read_text())
-    told = result["acked"]
+    told = result["seqs"]
     records = read_journal(journal)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     keyed = [r for r in records if r["event"] == "message"]

@@ -655,8 +655,8 @@ class ParserTests(Captured, SynchronousTestCase):
 
 
 #: cserver.client's modules, lowest first: each may import only those before it.
-LAYERS = ["protocol", "retrying", "bench_protocol", "bench", "report", "local", "processes",
-          "commands", "cli", "child", "__main__", "__init__"]
+LAYERS = ["protocol", "retrying", "bench_protocol", "bench", "retry_bench", "report", "local",
+          "processes", "commands", "cli", "child", "__main__", "__init__"]
 
 
 def module_imports(path):
