@@ -24,7 +24,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from cserver.client.protocol import CserverClientProtocol, Seq, ServerError, connect
+from cserver.client.protocol import CserverClientProtocol, Seq, ServerError, connect, within
 from cserver.dedup import KEY
 
 _log = Logger()
@@ -41,7 +41,9 @@ class RetryingSender:
     :param reactor: connects and waits.
     :param description: a client endpoint description.
     :param user: the user to ``AUTH`` as; :param password: with it, if any.
-    :param timeout: seconds for a connect, the greeting and the AUTH.
+    :param timeout: seconds for a connect, the greeting and the AUTH, and for
+        each reply: a server that does not answer within them is left, and
+        what it owes is sent again on a new connection.
     :ivar duplicates: messages the server answered ``dup`` (it had them from an
         earlier send).
     :ivar resends: messages sent again after a failure.
@@ -162,7 +164,7 @@ class RetryingSender:
 
     def _put(self, client: CserverClientProtocol, key: str, entry: list[Any]) -> None:
         entry[2] = True
-        sent = client.send(entry[0], key=key)
+        sent = within(client.send(entry[0], key=key), self.timeout, self.reactor)
         sent.addCallbacks(self._acked, self._not_acked, (key, entry), {}, (key, entry, client))
 
     def _acked(self, seq: Seq, key: str, entry: list[Any]) -> None:
@@ -187,3 +189,5 @@ class RetryingSender:
             self._client = None
             client.close()
             self._retry_later()
+        elif self._client is client and isinstance(error, defer.TimeoutError):
+            client.close()  # its loss starts the retry (see _lost)

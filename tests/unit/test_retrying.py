@@ -103,6 +103,24 @@ class RetryingSenderTests(SynchronousTestCase):
         proto.dataReceived(b"OK 4\r\n")
         assert self.successResultOf(kept) == 4
 
+    def test_a_server_that_does_not_answer_is_left_and_the_message_resent(self):
+        """A reply that does not come within ``timeout`` seconds drops the
+        connection; once it is gone, the message goes again on a new one."""
+        connections = Connections(["ok", "ok"])
+        self.patch(retrying, "connect", connections)
+        sender = RetryingSender(self.clock, "tcp:host=127.0.0.1:port=1", "alice",
+                                initial_delay=0.1, timeout=5)
+        d = sender.send("k", "t")
+        proto, transport = connections.made[0]
+        self.clock.advance(5)
+        assert transport.disconnecting
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.clock.advance(0.1)
+        proto, transport = connections.made[1]
+        assert transport.value() == b"PUT k t\n"
+        proto.dataReceived(b"OK 3 dup\r\n")
+        assert self.successResultOf(d) == 3 and sender.duplicates == 1
+
     def test_stop_fails_what_is_not_acknowledged_and_bad_input_is_refused(self):
         """stop() fails every unacknowledged message with GaveUp and connects no
         more; a bad key, an empty text or a key already being sent raise
