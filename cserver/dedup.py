@@ -16,7 +16,11 @@ the guarantee's bound, as JetStream's duplicate window is (a key leaves it
 up to a second after its window, never before).  A message whose
 record is refused (the journal broken) leaves the window, so that a retry
 tries again.  At start the window is rebuilt from the end of the journal
-(:func:`cserver.journal.reading.keyed_since`).
+(:func:`cserver.journal.keyed.keyed_since`).  With ``--workers`` each worker
+keeps a window; under the journal's lock a worker learns the keys the others
+wrote (:meth:`DedupWindow.learn`) and leaves out a record whose key one of
+them wrote first (:meth:`DedupWindow.written`; see
+:class:`cserver.journal.SharedFileJournal`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
+
+from cserver.journal.interfaces import CONFLICT, DUPLICATE
 
 #: What a key is made of, and how long it may be.
 KEY = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -146,6 +152,37 @@ class DedupWindow:
                 buckets.append((second, deque((name,))))
         for answer in waiting:
             answer(seq, reason)
+
+    def learn(self, record: Any) -> None:
+        """
+        A keyed message record another worker wrote (``user``, ``key``,
+        ``seq``, ``time``, ``text`` as the record's JSON): in the window from
+        now on, unless it is older than the window or the key is known.
+        """
+        name = record.user + " " + record.key
+        if name in self._durable or record.time < self.clock.seconds() - self.seconds:
+            return
+        self._durable[name] = record.seq << 64 | (hash(bytes(record.text)) & _MASK)
+        second = int(record.time)
+        buckets = self._buckets
+        if buckets and buckets[-1][0] >= second:
+            buckets[-1][1].append(name)
+        else:
+            buckets.append((second, deque((name,))))
+
+    def written(self, user: str, key: str, text: str) -> tuple[int | None, Any] | None:
+        """
+        Whether another worker wrote ``user``'s ``key`` (it is durable in the
+        window while this worker still has it in flight): ``(seq,
+        DUPLICATE)`` with the same text, ``(None, CONFLICT)`` with another,
+        None when it did not.
+        """
+        packed = self._durable.get(f"{user} {key}")
+        if packed is None:
+            return None
+        if packed & _MASK == hash(_encode(text)) & _MASK:
+            return packed >> 64, DUPLICATE
+        return None, CONFLICT
 
     def rebuild(self, records: Iterable[Any]) -> None:
         """

@@ -36,7 +36,9 @@ class Reply:
     def __call__(self, seq, reason):
         protocol = self.protocol
         if reason is not None:
-            self.line = b"ERR unavailable %s\r\n" % (reason.encode("utf-8"),)
+            # A journal's KeyVerdict (CONFLICT) names its own code.
+            code = getattr(reason, "code", "unavailable")
+            self.line = b"ERR %s %s\r\n" % (code.encode("ascii"), reason.encode("utf-8"))
         elif self.dup:
             self.line = b"OK %d dup\r\n" % (seq,)
         else:

@@ -20,6 +20,7 @@ from cserver import __version__
 from cserver.auth import immediate_checker
 from cserver.dedup import DedupWindow
 from cserver.journal import EVENT, FIELDS, JournalLogger
+from cserver.journal.interfaces import DUPLICATE
 from cserver.journal.keyed import keyed_since
 from cserver.limits import Limits
 from cserver.protocol import CServerProtocol
@@ -242,6 +243,10 @@ class CServerFactory(ServerFactory):
         done = window.done
 
         def ack(seq: int | None, reason: str | None) -> None:
+            if reason is DUPLICATE:  # another worker wrote the key first
+                reply.dup = True
+                window.duplicates += 1
+                reason = None
             reply(seq, reason)
             done(name, seq, reason)
 

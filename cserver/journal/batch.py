@@ -94,9 +94,12 @@ class BatchingJournal:
             return
         try:
             if kind == "message":
+                key = event.get("key")
                 body = message_body(event["log_time"], self._pid, event["user"], event["text"],
-                                    event["peer"], event.get("key"))
+                                    event["peer"], key)
                 self._batch_messages += 1
+                if key is not None and self.keys is not None:
+                    self._keyed.append((len(self._bodies), event["user"], key, event["text"]))
             else:
                 body = record_body(event["log_time"], kind, self._pid, event.get(FIELDS))
         except Exception:
@@ -107,6 +110,11 @@ class BatchingJournal:
         self._take(body, ack)
         if self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self._flush_turn)
+
+    #: A shared journal's window of keyed messages (see the shared journal),
+    #: else None; with it, the keyed records taken for this batch.
+    keys: Any = None
+    _keyed: list[tuple[int, str, str, str]]
 
     def _take(self, body: bytes, ack: Ack | None) -> None:
         """

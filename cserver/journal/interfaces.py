@@ -15,6 +15,25 @@ from zope.interface import Attribute, Interface
 Ack = Callable[[Any, Any], object]
 
 
+class KeyVerdict(str):
+    """
+    Why a journal did not write a keyed record it took: another writer (a
+    worker) had written its key first.  An ack gets ``ack(seq, DUPLICATE)``
+    (the other record's seq, once it is durable) or ``ack(None, CONFLICT)``;
+    ``code`` is what the client's ``ERR`` or ``OK`` says.
+    """
+
+    code: str = ""
+
+
+#: The key was written by another worker with the same text.
+DUPLICATE = KeyVerdict("journaled by another worker")
+DUPLICATE.code = "dup"
+#: The key was written by another worker with another text.
+CONFLICT = KeyVerdict("key was sent with another text")
+CONFLICT.code = "conflict"
+
+
 class IJournal(Interface):
     """
     An append-only record store fed as a :mod:`twisted.logger` observer.

@@ -97,6 +97,16 @@ def _scan_back(f: Any, since: float, limit: int, block: int,
     return None
 
 
+def keyed_records(data: bytes) -> list[KeyedRecord]:
+    """
+    The keyed message records among the whole lines of ``data`` (records
+    another worker wrote: what a shared journal learns under the lock).
+    """
+    return [record for record in _records(data)
+            if record.event == "message" and type(record.key) is str
+            and type(record.user) is str and bytes(record.text)[:1] == b'"']
+
+
 def _records(data: bytes) -> list[KeyedRecord]:
     """The records of ``data`` (whole lines, the last maybe unfinished)."""
     whole = data[:data.rfind(b"\n") + 1]

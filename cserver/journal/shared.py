@@ -8,16 +8,24 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from cserver.fs import create_durably, pwrite_all
-from cserver.journal.batch import FSYNC_MODES, acknowledge, describe_error, refuse_acks
+from cserver.journal.batch import (
+    FSYNC_MODES,
+    acknowledge,
+    call_ack,
+    describe_error,
+    refuse_acks,
+)
 from cserver.journal.file import FileJournal
 from cserver.journal.header import Shared
-from cserver.journal.interfaces import IJournal
+from cserver.journal.interfaces import CONFLICT, DUPLICATE, IJournal
+from cserver.journal.keyed import keyed_records
 from cserver.journal.record import batch
 from cserver.journal.recovery import Recovery, recover
 
@@ -78,11 +86,16 @@ class SharedFileJournal(FileJournal):
     _os_pwrite = staticmethod(os.pwrite)
     _os_flock = staticmethod(fcntl.flock)
 
-    def __init__(self, path, fd, recovery, clock, shared, fsync="always", sync_interval=1.0,
-                 syncer=None):
+    def __init__(self, path: str, fd: int, recovery: Recovery, clock: Any, shared: Shared,
+                 fsync: str = "always", sync_interval: float = 1.0, syncer: Any = None) -> None:
         self._header = shared.header
         super().__init__(path, fd, recovery, clock, fsync=fsync, sync_interval=sync_interval,
                          syncer=syncer)
+        # The keyed records taken for this batch, (index, user, key, text);
+        # and how far this journal has read the file for the others' keys.
+        self._keyed: list[tuple[int, str, str, str]] = []
+        self._seen_end = shared.header.end
+        self._read_fd: int | None = None
 
     @property
     def last_seq(self):
@@ -173,6 +186,7 @@ class SharedFileJournal(FileJournal):
         if not self._bodies:
             return
         bodies, acks, messages = self._bodies, self._acks, self._batch_messages
+        keyed, self._keyed = self._keyed, []
         self._bodies = []
         self._acks = []
         self._batch_messages = 0
@@ -180,12 +194,16 @@ class SharedFileJournal(FileJournal):
             refuse_acks(acks, self._refusal())
             return
         try:
-            first, start, end = self._write_batch(bodies, messages)
+            first, start, end, dropped = self._write_batch(bodies, messages, keyed)
         except _Refused as e:
             refuse_acks(acks, str(e))
             return
-        last = first + len(bodies) - 1
-        acks = [(first + index, ack) for index, ack in acks]
+        if dropped:
+            acks = self._answer_dropped(acks, dropped, first)
+            last = first + len(bodies) - len(dropped) - 1
+        else:
+            last = first + len(bodies) - 1
+            acks = [(first + index, ack) for index, ack in acks]
         self.size = end
         if self._fsync != "always":
             self._dirty = True
@@ -194,12 +212,16 @@ class SharedFileJournal(FileJournal):
         self._unsynced.append((first, last, start, acks))
         self._syncer.request(last)
 
-    def _write_batch(self, bodies, messages):
+    def _write_batch(self, bodies, messages, keyed=()):
         """
         Lock, repair, number, write and publish one batch of record bodies.
+        With ``keyed`` records in it and a window (:attr:`keys`), first read
+        the keys the other workers wrote since this journal last looked, and
+        leave out of the batch each keyed record whose key one of them wrote
+        first.
 
-        :returns: the batch's first seq and the offsets where it starts and
-            ends.
+        :returns: the batch's first seq, the offsets where it starts and ends,
+            and the records left out: index -> (seq or None, verdict).
         :raises _Refused: the batch is not written.
         """
         fd = self._fd
@@ -218,9 +240,17 @@ class SharedFileJournal(FileJournal):
                     reason = f"write failed: cannot cut a dead writer's batch: {describe_error(e)}"
                     _log.error("journal: {reason}", reason=reason)
                     raise _Refused(reason) from None
-            header.busy = self._pid
+            dropped = {}
+            if keyed and self.keys is not None:
+                dropped = self._check_keys(header, keyed)
+                if dropped:
+                    bodies = [body for index, body in enumerate(bodies) if index not in dropped]
+                    messages -= len(dropped)
             first = header.last_seq + 1
             start = header.end
+            if not bodies:
+                return first, start, start, dropped
+            header.busy = self._pid
             data = batch(first, bodies)
             try:
                 pwrite_all(fd, data, start, self._os_pwrite)
@@ -235,9 +265,60 @@ class SharedFileJournal(FileJournal):
             header.messages = header.commit_messages
             header.commit_seq = 0
             header.busy = 0
-            return first, start, end
+            if keyed and self.keys is not None:
+                self._seen_end = end  # caught up before, and this batch is ours
+            return first, start, end, dropped
         finally:
             self._os_flock(fd, fcntl.LOCK_UN)
+
+    def _check_keys(self, header, keyed):
+        """
+        Under the lock: learn the keys written since :attr:`_seen_end`, then
+        which of ``keyed`` another worker wrote first.
+        """
+        end = header.end
+        if end > self._seen_end:
+            if self._read_fd is None:
+                self._read_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            offset = self._seen_end
+            while offset < end:
+                data = os.pread(self._read_fd, min(end - offset, 1 << 24), offset)
+                whole = data[:data.rfind(b"\n") + 1] if offset + len(data) < end else data
+                if not whole:
+                    break
+                for record in keyed_records(whole):
+                    self.keys.learn(record)
+                offset += len(whole)
+            self._seen_end = end
+        dropped = {}
+        for index, user, key, text in keyed:
+            verdict = self.keys.written(user, key, text)
+            if verdict is not None:
+                dropped[index] = verdict
+        return dropped
+
+    def _answer_dropped(self, acks, dropped, first):
+        """
+        The acks of a batch some of whose keyed records were left out: those
+        of the written records renumbered; a duplicate answered with the
+        other worker's seq once this batch's sync (which covers the other
+        record too: writes are serialized) is done; a conflict at once.
+        """
+        kept = []
+        position = 0
+        for index, ack in acks:
+            verdict = dropped.get(index)
+            if verdict is None:
+                kept.append((first + index - position, ack))
+                continue
+            position += 1
+            seq, why = verdict
+            if why is CONFLICT:
+                call_ack(ack, None, CONFLICT)
+            else:
+                kept.append((seq, _as_duplicate(ack)))
+        kept.sort(key=lambda item: item[0])
+        return kept
 
     def _cut_failed_write(self, start, count, reason):
         """
@@ -277,6 +358,12 @@ class SharedFileJournal(FileJournal):
 
     # -- syncing ---------------------------------------------------------------
 
+    def _release(self):
+        super()._release()
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+
     def _sync(self):
         try:
             self._os_fdatasync(self._fd)
@@ -295,3 +382,12 @@ class SharedFileJournal(FileJournal):
         this journal's may already be acknowledged.  (A failed write is cut
         under the lock, by :meth:`_cut_failed_write`.)
         """
+
+
+def _as_duplicate(ack):
+    """``ack``, told DUPLICATE when the batch it waits on is durable."""
+
+    def answer(seq, reason):
+        ack(seq, DUPLICATE if reason is None else reason)
+
+    return answer

@@ -56,9 +56,6 @@ class WorkerFactory(CServerFactory):
     """
 
     noisy = False
-    # Each worker would keep a window of its own, and a retry may land on
-    # another worker: PUT waits for a window the workers share.
-    dedup_off = "PUT needs one process for now: this server runs --workers"
 
     def __init__(self, journal: Any, portal: Any, clock: Any, limits: Limits, shared: Shared,
                  index: int, base: dict[str, int] | None = None) -> None:
@@ -225,8 +222,12 @@ def make_worker(start: WorkerStart, reactor: Any) -> Worker:
     else:
         portal = allow_list_portal(config.users)
     base = {"served": start.base_served, "auth_failures": start.base_auth_failures}
-    limits = attrs.evolve(Limits.from_config(config), dedup_window=0)
-    factory = WorkerFactory(journal, portal, reactor, limits, shared, start.index, base)
+    factory = WorkerFactory(journal, portal, reactor, Limits.from_config(config), shared,
+                            start.index, base)
+    # Each worker keeps its window; under the journal's lock it learns the
+    # keys the others wrote, and leaves out a record whose key came first
+    # from another worker (see SharedFileJournal).
+    journal.keys = factory.dedup
     return Worker(reactor, factory, _FAMILIES[start.family], eager=config.writes == "eager")
 
 

@@ -46,18 +46,42 @@ def test_a_retry_after_a_restart_gets_the_first_seq_marked_dup(server):
     assert keyed == ["order-1", "order-2"]
 
 
-def test_put_is_refused_in_one_line_with_workers(server):
-    """With --workers the window is not shared yet: PUT gets ERR unsupported,
-    saying so, and journals nothing; MSG works as before."""
+def test_workers_journal_a_key_once_whichever_worker_gets_it(server):
+    """With --workers 2 (connections spread over the workers by the kernel), the
+    same PUT sent on 12 connections one after another gets OK <seq> once and OK
+    <seq> dup everywhere else; then 20 connections send one new key at the same
+    moment, pipelined: one OK <seq>, 19 OK <seq> dup, all with one seq; the
+    journal holds each key once.  Another text for a key is a conflict, on
+    whichever worker."""
     process = server("--workers", "2")
-    client = process.connect()
-    client.request("AUTH alice")
-    assert client.request("PUT k hello") == (
-        "ERR unsupported PUT needs one process for now: this server runs --workers")
-    assert client.request("MSG hello").startswith("OK ")
-    client.close()
+    clients = []
+    for _ in range(12):
+        client = process.connect()
+        client.request("AUTH alice")
+        clients.append(client)
+    answers = [client.request("PUT once hello") for client in clients]
+    first = answers[0]
+    assert first.startswith("OK ") and not first.endswith(" dup")
+    assert answers[1:] == [f"{first} dup"] * 11
+    assert all(c.request("PUT once other").startswith("ERR conflict") for c in clients[:4])
+    for client in clients:
+        client.close()
+    racers = []
+    for _ in range(20):
+        client = process.connect()
+        client.request("AUTH bob")
+        racers.append(client)
+    for client in racers:
+        client.send("PUT race hello")
+    answers = [client.read_line() for client in racers]
+    plain = [a for a in answers if not a.endswith(" dup")]
+    assert len(plain) == 1 and plain[0].startswith("OK ")
+    assert sorted(answers) == sorted([plain[0]] + [f"{plain[0]} dup"] * 19)
+    for client in racers:
+        client.close()
     assert process.stop() == 0
-    assert not any("key" in r for r in read_journal(process.journal))
+    keys = [r["key"] for r in read_journal(process.journal) if "key" in r]
+    assert sorted(keys) == ["once", "race"]
 
 
 def test_retrying_bench_survives_a_restart_mid_run(server, tmp_path):

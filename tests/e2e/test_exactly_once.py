@@ -7,13 +7,15 @@ End-to-end layer."""
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
-from ..server_process import ServerProcess, read_journal
+from ..server_process import ServerProcess, read_journal, worker_pids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENTS = 50
@@ -72,10 +74,41 @@ def test_resends_of_records_already_written_are_answered_dup(shim, tmp_path):
     assert result["duplicates"] > 0
 
 
-def _kill_and_check(start, port, journal, tmp_path):
+def test_keyed_messages_survive_ten_worker_kills_exactly_once(server, tmp_path):
+    """The same with --workers 2: one worker (each in turn) is SIGKILLed 10 times
+    and restarted by its parent, so retries land on the other worker or on the
+    new one; every message is in the journal once, at the seq its sender was
+    told (the workers learn each other's keys under the journal's lock)."""
+    journal = str(tmp_path / "journal.jsonl")
+    port = _free_port()
+    process = server("--workers", "2", "--restart-delay", "0.05", "--restart-max-delay", "0.2",
+                     "--port", f"tcp:{port}:interface=127.0.0.1", journal=journal)
+    kills = []
+
+    def kill_a_worker(_process):
+        index = len(kills) % 2
+        victim = worker_pids(process)[index]
+        os.kill(victim, signal.SIGKILL)
+        kills.append(victim)
+        deadline = time.monotonic() + 30
+        while worker_pids(process).get(index) == victim:  # awaited: its parent restarts it
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.01)
+        return process
+
+    _kill_and_check(lambda: process, port, journal, tmp_path, kill=kill_a_worker)
+
+
+def _kill_and_check(start, port, journal, tmp_path, kill=None):
     """Run the load on the server ``start()`` starts, kill -9 and restart it
-    KILLS times, then check the journal against what the senders were told;
-    the load's report."""
+    KILLS times (or ``kill(process)`` it, which returns the server to go on
+    with), then check the journal against what the senders were told; the
+    load's report."""
+    if kill is None:
+        def kill(process):
+            process.kill()
+            return start()
+
     process = start()
     report = tmp_path / "report.json"
     load = subprocess.Popen(
@@ -95,10 +128,9 @@ def _kill_and_check(start, port, journal, tmp_path):
             output.append(line)
             since_restart += line.startswith("acked ")
             if since_restart == 2:
-                process.kill()
+                process = kill(process)
                 kills += 1
                 since_restart = 0
-                process = start()
         assert load.wait(timeout=180) == 0, "".join(output)
     finally:
         if load.poll() is None:

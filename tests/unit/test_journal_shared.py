@@ -12,6 +12,7 @@ an instance's ``_os_pwrite``, ``_os_fdatasync`` and ``_os_ftruncate``.
 
 import errno
 import fcntl
+import json
 import os
 import pathlib
 import threading
@@ -19,7 +20,9 @@ import threading
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from cserver.dedup import DedupWindow
 from cserver.journal import (
+    ACK,
     EVENT,
     FIELDS,
     FileJournal,
@@ -27,6 +30,7 @@ from cserver.journal import (
     SharedFileJournal,
 )
 from cserver.journal.header import Shared
+from cserver.journal.interfaces import CONFLICT, DUPLICATE
 from cserver.journal.recovery import recover
 
 from .base import JournalCase
@@ -519,3 +523,66 @@ class FsyncErrorTests(PreparedCase, SynchronousTestCase):
         b.flush()
         assert acks.seqs == [None, None]
         assert os.path.getsize(self.path) == 0
+
+
+class KeyedAcrossWorkersTests(PreparedCase, SynchronousTestCase):
+    """Keyed records written by two journals on one file, each with its window:
+    under the lock a journal learns the other's keys and leaves out a record
+    whose key the other wrote first."""
+
+    def keyed(self, journal, key, text="hello", user="alice"):
+        acks = []
+        journal({EVENT: "message", "log_time": self.clock.seconds(), "user": user,
+                 "text": text, "peer": "p", "key": key,
+                 ACK: lambda seq, reason: acks.append((seq, reason))})
+        return acks
+
+    def windows(self):
+        first, second = self.journals(), self.journals()
+        first.keys = DedupWindow(self.clock)
+        second.keys = DedupWindow(self.clock)
+        return first, second
+
+    def test_the_second_writer_of_a_key_writes_nothing_and_gets_the_first_seq(self):
+        """Worker A writes key k; worker B, which had not seen it, takes the same
+        PUT: B's record is left out, its ack is the first's seq with DUPLICATE
+        (once B's sync is done); the file holds k once, seqs contiguous; a
+        plain MSG beside it in B's batch is written and numbered as usual."""
+        first, second = self.windows()
+        a = self.keyed(first, "k")
+        first.flush()
+        self.clock.advance(0)
+        assert a == [(1, None)]
+        b_msg = []
+        second({EVENT: "message", "log_time": 1.0, "user": "bob", "text": "plain", "peer": "p",
+                ACK: lambda seq, reason: b_msg.append((seq, reason))})
+        b = self.keyed(second, "k")
+        second.flush()
+        self.clock.advance(0)
+        assert b == [(1, DUPLICATE)] and b_msg == [(2, None)]
+        records = [json.loads(line) for line in open(self.path, "rb")]
+        assert [r["seq"] for r in records] == [1, 2]
+        assert [r.get("key") for r in records] == ["k", None]
+
+    def test_the_same_key_with_another_text_is_a_conflict_and_writes_nothing(self):
+        """B takes k with another text than A wrote: nothing is written for it, and
+        its ack is (None, CONFLICT) -- the client's ERR conflict."""
+        first, second = self.windows()
+        self.keyed(first, "k", text="one")
+        first.flush()
+        self.clock.advance(0)
+        b = self.keyed(second, "k", text="two")
+        second.flush()
+        self.clock.advance(0)
+        assert b == [(None, CONFLICT)]
+        assert len(open(self.path, "rb").read().splitlines()) == 1
+
+    def test_keys_are_per_user_across_workers_too(self):
+        """Bob's k is not alice's k: both are written."""
+        first, second = self.windows()
+        self.keyed(first, "k", user="alice")
+        first.flush()
+        b = self.keyed(second, "k", user="bob")
+        second.flush()
+        self.clock.advance(0)
+        assert b == [(2, None)]
