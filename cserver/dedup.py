@@ -124,8 +124,9 @@ class DedupWindow:
         Answer a duplicate of the key ``name`` (:meth:`check` said so) with
         the first record's seq: ``answer(seq, None)`` at once if it is
         durable, else once it is (``answer(None, reason)`` if it is refused).
+        (:attr:`duplicates` counts them as they are answered: see the
+        factory's ``duplicate_done``.)
         """
-        self.duplicates += 1
         inflight = self._inflight.get(name)
         if inflight is not None:
             inflight[1].append(answer)

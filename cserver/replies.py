@@ -36,9 +36,15 @@ class Reply:
     def __call__(self, seq, reason):
         protocol = self.protocol
         if reason is not None:
-            # A journal's KeyVerdict (CONFLICT) names its own code.
+            # A journal's KeyVerdict names its own code: DUPLICATE (another
+            # worker wrote the key first) is answered as a duplicate.
             code = getattr(reason, "code", "unavailable")
-            self.line = b"ERR %s %s\r\n" % (code.encode("ascii"), reason.encode("utf-8"))
+            if code == "dup":
+                self.dup = True
+                self.line = b"OK %d dup\r\n" % (seq,)
+                reason = None
+            else:
+                self.line = b"ERR %s %s\r\n" % (code.encode("ascii"), reason.encode("utf-8"))
         elif self.dup:
             self.line = b"OK %d dup\r\n" % (seq,)
         else:
