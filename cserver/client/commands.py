@@ -31,7 +31,12 @@ from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
 from cserver.client.bench import BenchConfig
-from cserver.client.local import ensure_open_files, run_local, too_few_files
+from cserver.client.local import (
+    ensure_open_files,
+    run_local,
+    run_retrying_local,
+    too_few_files,
+)
 from cserver.client.processes import run_processes
 from cserver.client.protocol import (
     CserverClientProtocol,
@@ -41,7 +46,6 @@ from cserver.client.protocol import (
     within,
 )
 from cserver.client.report import format_table, make_report
-from cserver.client.retry_bench import run_retrying_local
 
 #: ``send``'s exit statuses beyond 0 (all acknowledged) and 2 (usage error).
 EXIT_NOT_JOURNALED = 1

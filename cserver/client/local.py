@@ -13,6 +13,7 @@ from twisted.internet import task
 from twisted.python.failure import Failure
 
 from cserver.client.bench import Bench, BenchConfig, RunResult
+from cserver.client.retry_bench import RetryReport, run_retrying
 
 #: Open files a bench process needs beyond one per connection.
 SPARE_FILES = 64
@@ -85,6 +86,36 @@ def run_local(config: BenchConfig, progress: IO[str] | None = None,
         if progress is not None:
             d.addBoth(end_progress, loop, progress)
         d.addBoth(lambda _: reactor.stop())
+
+    return _run_reactor_until(start, outcome)
+
+
+def run_retrying_local(config: BenchConfig) -> RetryReport:
+    """:func:`~cserver.client.retry_bench.run_retrying` in the global reactor, which
+    this starts and stops.
+
+    :raises SystemExit: when the reactor stopped before the run ended.
+    """
+    from twisted.internet import reactor
+
+    outcome: list[RetryReport | Failure] = []
+
+    def start() -> None:
+        d = run_retrying(reactor, config)
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    return _run_reactor_until(start, outcome)
+
+
+def _run_reactor_until(start: Callable[[], None], outcome: list[Any]) -> Any:
+    """Run the global reactor, ``start`` called once it runs, until something
+    stops it; then the one result ``start`` put in ``outcome`` (a Failure is
+    raised).
+
+    :raises SystemExit: when the reactor stopped with nothing in ``outcome``.
+    """
+    from twisted.internet import reactor
 
     reactor.callWhenRunning(start)
     reactor.run()

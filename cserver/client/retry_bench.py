@@ -18,7 +18,6 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from cserver.client.bench import BenchConfig
 from cserver.client.retrying import RetryingSender
@@ -39,29 +38,6 @@ class RetryReport:
     failed: list[str] = attrs.Factory(list)
     #: The seq each message's key got, key -> seq.
     seqs: dict[str, int] = attrs.Factory(dict)
-
-
-def run_retrying_local(config: BenchConfig) -> RetryReport:
-    """:func:`run_retrying` in the global reactor, which this starts and stops.
-
-    :raises SystemExit: when the reactor stopped before the run ended.
-    """
-    from twisted.internet import reactor
-
-    outcome: list[Any] = []
-
-    def start() -> None:
-        d = run_retrying(reactor, config)
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if not outcome:
-        raise SystemExit("cserver-client: interrupted")
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return outcome[0]
 
 
 @defer.inlineCallbacks
