@@ -25,12 +25,14 @@ them wrote first (:meth:`DedupWindow.written`; see
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
+from xxhash import xxh3_64_intdigest
 
 from cserver.journal.interfaces import CONFLICT, DUPLICATE
 
@@ -49,6 +51,15 @@ Answer = Callable[[Any, Any], object]
 _encode = msgspec.json.Encoder().encode
 
 
+def digest(text: str) -> int:
+    """
+    A text's digest: the 64-bit XXH3 of its JSON, as a record holds it (so
+    a record's text is digested without decoding it).  The same in every
+    process, unlike ``hash()``.
+    """
+    return xxh3_64_intdigest(_encode(text))
+
+
 #: The low 64 bits of a packed entry hold the text's digest.
 _MASK = (1 << 64) - 1
 
@@ -57,11 +68,11 @@ class DedupWindow:
     """
     The keys of the last ``seconds`` seconds (at most ``keys`` of them).
 
-    Each durable key costs one dict entry, ``"<user> <key>"`` (neither holds
-    a space: AUTH reads a user name up to one) to one int (the
-    seq and the text's digest packed), and a place in a per-second bucket
-    list; keys still in flight sit apart, with the duplicates waiting for
-    them.
+    Each key costs one dict entry, ``"<user> <key>"`` (neither holds a
+    space: AUTH reads a user name up to one) to one int, the seq and the
+    text's digest packed (seq 0 while the record is in flight), and a place
+    in a per-second bucket list (the second it was taken).  Duplicates
+    waiting for a key in flight sit apart.
 
     :param clock: ``seconds()`` gives the time (the reactor, a task.Clock).
     """
@@ -71,29 +82,73 @@ class DedupWindow:
         self.clock = clock
         self.seconds = seconds
         self.keys = keys
-        self._durable: dict[str, int] = {}
-        self._inflight: dict[str, tuple[int, list[Answer]]] = {}
+        #: name -> seq << 64 | digest; seq 0: in flight.
+        self._entries: dict[str, int] = {}
+        #: The duplicates waiting for a key in flight.
+        self._waiting: dict[str, list[Answer]] = {}
+        #: Keys another worker wrote while this one had them in flight.
+        self._elsewhere: dict[str, int] = {}
         self._buckets: deque[tuple[int, deque[str]]] = deque()
+        #: The newest bucket's names, and the end of its second; when the
+        #: oldest bucket is out of the window (kept beside the buckets: the
+        #: hot path reads them rather than index the deque).
+        self._tail: deque[str] = deque()
+        self._tail_end = -math.inf
+        self._expiry_at = math.inf
         #: Requests answered as duplicates since start.
         self.duplicates = 0
 
     def __len__(self) -> int:
-        return len(self._durable) + len(self._inflight)
+        return len(self._entries)
 
     def _expire(self, now: float) -> None:
-        buckets, durable = self._buckets, self._durable
+        buckets, entries = self._buckets, self._entries
         # A bucket holds the keys of one whole second: it goes once all of
         # that second is out of the window (a key may stay up to a second
-        # longer than its window, never less).
+        # longer than its window, never less).  A key still in flight stays,
+        # moved to the newest second.
         cutoff = now - self.seconds - 1
         while buckets and buckets[0][0] <= cutoff:
+            kept = []
             for name in buckets.popleft()[1]:
-                durable.pop(name, None)
-        while len(durable) > self.keys and buckets:
+                packed = entries.get(name)
+                if packed is None:
+                    continue
+                if packed >> 64:
+                    del entries[name]
+                else:
+                    kept.append(name)
+            if kept:
+                self._into_bucket(int(now), kept)
+        while len(entries) > self.keys and buckets:
             names = buckets[0][1]
-            durable.pop(names.popleft(), None)
+            packed = entries.get(names[0])
+            if packed is not None and not packed >> 64:
+                break  # the oldest is in flight: it goes once it is durable
+            name = names.popleft()
+            if packed is not None:
+                del entries[name]
             if not names:
                 buckets.popleft()
+        self._retail()
+
+    def _retail(self) -> None:
+        buckets = self._buckets
+        if buckets:
+            self._tail_end = buckets[-1][0] + 1
+            self._tail = buckets[-1][1]
+            self._expiry_at = buckets[0][0] + 1 + self.seconds
+        else:
+            self._tail_end = -math.inf
+            self._expiry_at = math.inf
+
+    def _into_bucket(self, second: int, names: Iterable[str]) -> None:
+        buckets = self._buckets
+        if buckets and buckets[-1][0] >= second:
+            buckets[-1][1].extend(names)
+        else:
+            buckets.append((second, deque(names)))
+        self._retail()
 
     def check(self, user: str, key: str, text: str) -> tuple[str, str]:
         """
@@ -106,18 +161,22 @@ class DedupWindow:
             answers it through :meth:`wait`); ``"conflict"`` when it is, with
             another text.
         """
-        self._expire(self.clock.seconds())
+        now = self.clock.seconds()
+        entries = self._entries
+        if now >= self._expiry_at or len(entries) > self.keys:
+            self._expire(now)
         name = f"{user} {key}"
-        inflight = self._inflight.get(name)
-        if inflight is not None:
-            known = inflight[0]
-        else:
-            packed = self._durable.get(name)
-            if packed is None:
-                self._inflight[name] = (hash(_encode(text)) & _MASK, [])
-                return "new", name
-            known = packed & _MASK
-        return ("duplicate" if known == hash(_encode(text)) & _MASK else "conflict"), name
+        packed = entries.get(name)
+        if packed is None:
+            entries[name] = xxh3_64_intdigest(_encode(text))
+            if now < self._tail_end:
+                self._tail.append(name)
+            else:
+                self._into_bucket(int(now), (name,))
+            return "new", name
+        if packed & _MASK == xxh3_64_intdigest(_encode(text)):
+            return "duplicate", name
+        return "conflict", name
 
     def wait(self, name: str, answer: Answer) -> None:
         """
@@ -127,32 +186,36 @@ class DedupWindow:
         (:attr:`duplicates` counts them as they are answered: see the
         factory's ``duplicate_done``.)
         """
-        inflight = self._inflight.get(name)
-        if inflight is not None:
-            inflight[1].append(answer)
+        seq = self._entries[name] >> 64
+        if seq:
+            answer(seq, None)
         else:
-            answer(self._durable[name] >> 64, None)
+            self._waiting.setdefault(name, []).append(answer)
 
     def done(self, name: str, seq: int | None, reason: str | None) -> None:
         """
         The journal answered the message of the key ``name``: durable at
-        ``seq``, or refused for ``reason`` (then the key leaves the window).
-        Duplicates that waited get the same answer.
+        ``seq``, or refused for ``reason`` (then the key leaves the window,
+        unless another worker wrote it).  Duplicates that waited get the same
+        answer.
         """
-        inflight = self._inflight.pop(name, None)
-        if inflight is None:
+        entries = self._entries
+        packed = entries.get(name)
+        if packed is None or packed >> 64:
             return
-        known, waiting = inflight
+        other = self._elsewhere.pop(name, None) if self._elsewhere else None
         if reason is None and seq is not None:
-            self._durable[name] = seq << 64 | known
-            second = int(self.clock.seconds())
-            buckets = self._buckets
-            if buckets and buckets[-1][0] == second:
-                buckets[-1][1].append(name)
-            else:
-                buckets.append((second, deque((name,))))
-        for answer in waiting:
-            answer(seq, reason)
+            entries[name] = seq << 64 | packed
+        elif other is not None:
+            entries[name] = other
+        else:
+            # Refused: the journal is broken or the server stopping, so no
+            # later record can be journaled under the key's old bucket.
+            del entries[name]
+        waiting = self._waiting.pop(name, None) if self._waiting else None
+        if waiting:
+            for answer in waiting:
+                answer(seq, reason)
 
     def learn(self, record: Any) -> None:
         """
@@ -161,27 +224,31 @@ class DedupWindow:
         now on, unless it is older than the window or the key is known.
         """
         name = record.user + " " + record.key
-        if name in self._durable or record.time < self.clock.seconds() - self.seconds:
+        if record.time < self.clock.seconds() - self.seconds:
             return
-        self._durable[name] = record.seq << 64 | (hash(bytes(record.text)) & _MASK)
-        second = int(record.time)
-        buckets = self._buckets
-        if buckets and buckets[-1][0] >= second:
-            buckets[-1][1].append(name)
-        else:
-            buckets.append((second, deque((name,))))
+        packed = self._entries.get(name)
+        entry = record.seq << 64 | xxh3_64_intdigest(record.text)
+        if packed is None:
+            self._entries[name] = entry
+            self._into_bucket(int(record.time), (name,))
+        elif not packed >> 64:
+            self._elsewhere[name] = entry  # this worker has it in flight
 
     def written(self, user: str, key: str, text: str) -> tuple[int | None, Any] | None:
         """
-        Whether another worker wrote ``user``'s ``key`` (it is durable in the
-        window while this worker still has it in flight): ``(seq,
-        DUPLICATE)`` with the same text, ``(None, CONFLICT)`` with another,
-        None when it did not.
+        Whether another worker wrote ``user``'s ``key`` while this worker
+        has it in flight: ``(seq, DUPLICATE)`` with the same text, ``(None,
+        CONFLICT)`` with another, None when it did not.
         """
-        packed = self._durable.get(f"{user} {key}")
+        name = f"{user} {key}"
+        packed = self._elsewhere.get(name)
         if packed is None:
-            return None
-        if packed & _MASK == hash(_encode(text)) & _MASK:
+            # Known durable without this worker's check (a journal fed
+            # directly): as good as written elsewhere.
+            packed = self._entries.get(name)
+            if packed is None or not packed >> 64:
+                return None
+        if packed & _MASK == digest(text):
             return packed >> 64, DUPLICATE
         return None, CONFLICT
 
@@ -193,7 +260,7 @@ class DedupWindow:
         the record holds it); those older than the window are not.
         """
         cutoff = self.clock.seconds() - self.seconds
-        durable, buckets = self._durable, self._buckets
+        entries, buckets = self._entries, self._buckets
         names: deque[str] = buckets[-1][1] if buckets else deque()
         second = buckets[-1][0] if buckets else None
         for record in records:
@@ -201,10 +268,11 @@ class DedupWindow:
             if when < cutoff:
                 continue
             name = record.user + " " + record.key
-            durable[name] = record.seq << 64 | (hash(bytes(record.text)) & _MASK)
+            entries[name] = record.seq << 64 | xxh3_64_intdigest(record.text)
             if int(when) != second:
                 second = int(when)
                 names = deque()
                 buckets.append((second, names))
             names.append(name)
+        self._retail()
         self._expire(self.clock.seconds())

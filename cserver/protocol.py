@@ -22,7 +22,7 @@ from zope.interface import implementer
 from cserver import __version__
 from cserver.auth import IUser, credentials_for
 from cserver.dedup import KEY_BYTES
-from cserver.replies import NO_QUEUE, Reply, ReplyQueue
+from cserver.replies import NO_QUEUE, KeyedReply, Reply, ReplyQueue
 
 #: Failed AUTHs after which a connection is closed.
 MAX_AUTH_FAILURES = 3
@@ -262,7 +262,7 @@ class CServerProtocol(ReplyQueue, LineReceiver):
             return
         key = key.decode("ascii")
         factory = self.factory
-        verdict, name = factory.key_verdict(self, key, text)
+        verdict, name = factory.key_verdict(self.user, key, text)
         if verdict == "conflict":
             self._reply(b"ERR conflict key %s was sent with another text\r\n"
                         % (key.encode("ascii"),))
@@ -270,14 +270,14 @@ class CServerProtocol(ReplyQueue, LineReceiver):
         if verdict == "unsupported":
             self._reply(b"ERR unsupported %s\r\n" % (factory.dedup_off.encode("utf-8"),))
             return
-        reply = Reply(self)
+        reply = KeyedReply(self, name)
         reply.dup = verdict == "duplicate"
         queue = self._queue
         if queue is NO_QUEUE:
             queue = self._queue = deque()
         queue.append(reply)
         self.inflight += 1
-        factory.submit_keyed(self, key, name, text, reply)
+        factory.submit_keyed(self, key, text, reply)
         if self.inflight >= factory.max_pending:
             self._update_flow()
 

@@ -26,6 +26,10 @@ class Reply:
 
     __slots__ = ("line", "protocol", "close", "dup")
 
+    #: A KeyedReply's window callback (a slot there); None for a MSG.
+    done: Any = None
+    name: Any = None
+
     def __init__(self, protocol, line=None, close=False):
         self.protocol = protocol
         self.line = line
@@ -63,6 +67,31 @@ class Reply:
                 protocol._send_ready()
         if protocol.paused:
             protocol._update_flow()
+        done = self.done
+        if done is not None:
+            # reason is None here for another worker's record (DUPLICATE):
+            # as good as this one's.
+            done(self.name, seq, reason)
+
+
+class KeyedReply(Reply):
+    """
+    A ``PUT``'s place in the queue: answered as a MSG's :class:`Reply` is,
+    then, for a key new to the window, ``done(name, seq, reason)`` tells the
+    window what became of the key ``name`` (``done`` stays None for a
+    duplicate, which the window itself answers).
+    """
+
+    __slots__ = ("name", "done")
+
+    def __init__(self, protocol, name):
+        # Reply.__init__'s work inlined: one call less per PUT.
+        self.protocol = protocol
+        self.line = None
+        self.close = False
+        self.dup = False
+        self.name = name
+        self.done = None
 
 
 class ReplyQueue:

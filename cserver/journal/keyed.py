@@ -38,6 +38,7 @@ class KeyedRecord(msgspec.Struct, gc=False):
 
 _decode_lines = msgspec.json.Decoder(KeyedRecord).decode_lines
 _decode = msgspec.json.Decoder(KeyedRecord).decode
+_encode = msgspec.json.Encoder().encode
 
 
 def keyed_since(path: str, since: float, limit: int,
@@ -108,10 +109,15 @@ def keyed_records(data: bytes) -> list[KeyedRecord]:
 
 
 def _records(data: bytes) -> list[KeyedRecord]:
-    """The records of ``data`` (whole lines, the last maybe unfinished)."""
+    """
+    The records of ``data`` (whole lines, the last maybe unfinished), each
+    text's JSON as this server's encoder spells it (what the window digests:
+    another spelling of the same text, with ``\\u`` escapes say, is
+    re-encoded).
+    """
     whole = data[:data.rfind(b"\n") + 1]
     try:
-        return _decode_lines(whole)
+        records = _decode_lines(whole)
     except DECODE_ERRORS:
         records = []
         for line in whole.splitlines():
@@ -119,7 +125,15 @@ def _records(data: bytes) -> list[KeyedRecord]:
                 records.append(_decode(line))
             except DECODE_ERRORS:
                 continue
-        return records
+    if b"\\" in whole:
+        for record in records:
+            text = bytes(record.text)
+            if b"\\" in text and text[:1] == b'"':
+                try:
+                    record.text = msgspec.Raw(_encode(msgspec.json.decode(text)))
+                except (*DECODE_ERRORS, UnicodeEncodeError):
+                    pass  # a lone surrogate: kept as written
+    return records
 
 
 def _first_record(f: Any) -> KeyedRecord | None:

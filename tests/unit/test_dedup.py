@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from cserver.dedup import DedupWindow
+from cserver.dedup import DedupWindow, digest
 from cserver.journal import EVENT, FileJournal
 from cserver.journal.keyed import keyed_since
 from cserver.server import Limits
@@ -156,8 +156,9 @@ class WindowTests(SynchronousTestCase):
     """DedupWindow alone: its bounds."""
 
     def test_the_count_bound_forgets_the_oldest_first(self):
-        """With more than ``keys`` durable keys, the oldest leave first (a check of
-        a forgotten key makes it new, and in flight, again)."""
+        """With more than ``keys`` keys, the oldest leave first (a check of a
+        forgotten key makes it new, and in flight, again; keys in flight count
+        against the bound too)."""
         clock = Clock()
         window = DedupWindow(clock, seconds=60, keys=3)
         for index in range(5):
@@ -167,7 +168,8 @@ class WindowTests(SynchronousTestCase):
             clock.advance(1)
         verdicts = [window.check("u", f"k{i}", "t")[0] for i in (4, 3, 2, 1, 0)]
         assert verdicts == ["duplicate", "duplicate", "duplicate", "new", "new"]
-        assert len(window) == 5  # three durable, the two new ones in flight
+        # k2 left to make room for k0: k3 and k4 durable, k1 and k0 in flight.
+        assert len(window) == 4
 
     def test_a_key_never_leaves_before_its_window(self):
         """Keys are expired by whole seconds, never early: a key taken at 100.9 is
@@ -191,9 +193,53 @@ class WindowTests(SynchronousTestCase):
         for index in range(1000):
             _verdict, name = window.check("u", f"k{index}", "t")
             window.done(name, index + 1, None)
-        window.check("u", "probe", "t")
-        kept = [i for i in range(1000) if window.check("u", f"k{i}", "t")[0] == "duplicate"]
+        # Newest first: a check of a forgotten key takes a place in the window.
+        kept = [i for i in reversed(range(1000))
+                if window.check("u", f"k{i}", "t")[0] == "duplicate"]
+        kept.reverse()
         assert kept == list(range(990, 1000))
+
+    def test_a_key_in_flight_outlives_its_window_until_it_is_durable(self):
+        """A record still in flight when its second leaves the window (a sync
+        stuck for longer than the window) keeps its key: its duplicate waits,
+        and once durable the key stays another window."""
+        clock = Clock()
+        window = DedupWindow(clock, seconds=60)
+        _verdict, name = window.check("u", "slow", "t")
+        clock.advance(200)
+        assert window.check("u", "other", "t")[0] == "new"  # expiry runs
+        verdict, again = window.check("u", "slow", "t")
+        assert verdict == "duplicate"
+        answers = []
+        window.wait(again, lambda seq, reason: answers.append((seq, reason)))
+        assert answers == []
+        window.done(name, 9, None)
+        assert answers == [(9, None)]
+        clock.advance(59)
+        assert window.check("u", "slow", "t")[0] == "duplicate"
+
+    def test_the_count_bound_never_drops_a_key_in_flight(self):
+        """Over the count bound with the oldest key still in flight, nothing is
+        dropped until it is durable; then the oldest go."""
+        window = DedupWindow(Clock(), seconds=60, keys=2)
+        _verdict, first = window.check("u", "a", "t")
+        for key in ("b", "c", "d"):
+            window.done(window.check("u", key, "t")[1], 1, None)
+        assert window.check("u", "a", "t")[0] == "duplicate"
+        window.done(first, 5, None)
+        assert window.check("u", "e", "t")[0] == "new"
+        assert [window.check("u", k, "t")[0] for k in ("a", "b")] == ["new", "new"]
+
+    def test_the_digest_is_the_same_in_every_process(self):
+        """A text's digest does not depend on the process (hash() would:
+        PYTHONHASHSEED), so a window can be written by one and read by
+        another."""
+        import subprocess
+        import sys
+        code = "from cserver.dedup import digest; print(digest('h\u00e9llo \"x\"'))"
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True, env={**os.environ, "PYTHONHASHSEED": "random"})
+        assert int(other.stdout) == digest('h\u00e9llo "x"')
 
     def test_rebuilt_keys_answer_duplicates_at_once(self):
         """A key put back by recovery answers a duplicate with its seq at once; one
@@ -241,6 +287,21 @@ class RebuildTests(Temporary, SynchronousTestCase):
         assert [r.seq for r in found] == [2 * i + 1 for i in range(150, 200)]
         assert [r.key for r in keyed_since(path, 0, 5, block=97)] == [
             f"k{i}" for i in range(195, 200)]
+
+    def test_a_text_spelled_another_way_in_json_is_the_same_text(self):
+        """A record whose text's JSON uses escapes this server does not write
+        (``\\u0068`` for h, as another tool may) is read back as the same text:
+        a PUT of it is a duplicate, not a conflict."""
+        path = self.temp_path()
+        with open(path, "wb") as f:
+            f.write(b'{"seq":1,"time":1000.5,"event":"message","pid":1,"user":"alice",'
+                    b'"text":"\\u0068ello \\"q\\"","peer":"p","key":"k"}\n')
+        clock = Clock()
+        clock.advance(1010)
+        window = DedupWindow(clock, seconds=60)
+        window.rebuild(keyed_since(path, 950, 10))
+        assert window.check("alice", "k", 'hello "q"')[0] == "duplicate"
+        assert window.check("alice", "k", "hello")[0] == "conflict"
 
     def test_keyed_since_goes_on_in_the_file_before_a_rotation(self):
         """After a reopen, the window reaches back into the previous file (named by
