@@ -64,6 +64,13 @@ def memory(pid):
     return values["VmRSS"], values["VmHWM"]
 
 
+def cpu_seconds(pid):
+    """User plus system CPU time of process ``pid`` so far, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine():
     """``N x CPU model`` of this machine, from nproc and /proc/cpuinfo."""
     model = "unknown CPU"

@@ -50,16 +50,26 @@ _EVENT = operator.attrgetter("event")
 
 
 def message_body(time: float, pid: int, user: str, text: str, peer: str,
-                 key: str | None = None) -> bytes:
+                 key: str | None = None, node: str | None = None) -> bytes:
     """
     A message record without its ``seq``: ``{"time":...,"peer":"..."}``,
-    and ``"key"`` last for a keyed message (``PUT``).
+    and ``"key"`` last for a keyed message (``PUT``).  ``node``: the name of
+    the cserver node that wrote it, after ``pid`` (a journal on a stream,
+    which several nodes share).
 
     :raises TypeError: ``user``, ``text`` or ``peer`` is not a str.
     :raises UnicodeEncodeError: a string holds a lone surrogate.
     """
     if type(user) is not str or type(text) is not str or type(peer) is not str:
         raise TypeError("a message's user, text and peer are str")
+    if node is not None:
+        record = {"time": time, "event": "message", "pid": pid, "node": node, "user": user,
+                  "text": text, "peer": peer}
+        if key is not None:
+            if type(key) is not str:
+                raise TypeError("a message's key is a str")
+            record["key"] = key
+        return _encode(record)
     if key is None:
         return _encode({"time": time, "event": "message", "pid": pid, "user": user,
                         "text": text, "peer": peer})
@@ -69,17 +79,21 @@ def message_body(time: float, pid: int, user: str, text: str, peer: str,
                     "peer": peer, "key": key})
 
 
-def record_body(time: float, kind: str, pid: int, fields: dict[str, Any] | None) -> bytes:
+def record_body(time: float, kind: str, pid: int, fields: dict[str, Any] | None,
+                node: str | None = None) -> bytes:
     """
     A record other than a message (``start``, ``stop``, ``reopen``...)
-    without its ``seq``: ``time``, ``event``, ``pid``, then ``fields`` in
-    their order.
+    without its ``seq``: ``time``, ``event``, ``pid``, ``node`` if given,
+    then ``fields`` in their order.
 
     :raises TypeError: a field's value is not JSON.
     """
+    head: dict[str, Any] = {"time": time, "event": kind, "pid": pid}
+    if node is not None:
+        head["node"] = node
     if fields:
-        return _encode({"time": time, "event": kind, "pid": pid, **fields})
-    return _encode({"time": time, "event": kind, "pid": pid})
+        return _encode({**head, **fields})
+    return _encode(head)
 
 
 def numbered(seq: int, body: bytes) -> bytes:
