@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import socket
 import sys
 import textwrap
 from collections.abc import Callable, Mapping
@@ -21,6 +22,7 @@ import attrs
 
 from cserver.endpoints import check_server
 from cserver.journal import FSYNC_MODES, SYNC_MODES
+from cserver.journal.stream_url import is_stream_url, parse_stream_url
 
 __all__ = [
     "DEFAULT_PORT", "POLL_MODES", "SYNC_MODES", "WRITE_MODES", "Config", "Option", "options_rst",
@@ -112,6 +114,16 @@ def _file(flag: str, value: Any) -> Any:
     return value
 
 
+def _journal(flag: str, value: Any) -> Any:
+    if isinstance(value, str) and is_stream_url(value):
+        try:
+            parse_stream_url(value)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+        return value
+    return _file(flag, value)
+
+
 def _names(flag: str, value: Any) -> tuple[str, ...]:
     if value is None:
         value = getpass.getuser()
@@ -135,8 +147,9 @@ class Config:
         DEFAULT_PORT, "Endpoint description to listen on (a bare number N means "
         "tcp:N:interface=127.0.0.1).", short="p", check=_endpoint)
     journal: str = _option(
-        "cserver.jsonl", "The journal file (JSON Lines, append-only).", short="j",
-        check=_file)
+        "cserver.jsonl", "The journal: a file (JSON Lines, append-only), or a NATS "
+        "JetStream stream, nats://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/STREAM "
+        "(tls:// for TLS to NATS).", short="j", check=_journal)
     fsync: str = _option(
         "always", f"When to fsync the journal: {', '.join(FSYNC_MODES)}.",
         check=_one_of(FSYNC_MODES))
@@ -193,6 +206,17 @@ class Config:
     restart_max_delay: float = _option(
         30.0, "With --workers: the longest wait before a restart.",
         **_number(float, 0, " s"))
+    node: str = _option(
+        None, "This node's name in the records it writes to a stream journal (default: "
+        "the host name).", check=lambda flag, value: value or socket.gethostname(),
+        factory=socket.gethostname, shown_default="the host name")
+    nats_replicas: int = _option(
+        3, "With a stream journal: the copies of the stream (created with them; an "
+        "existing stream with fewer refuses the start).", **_number(int, 1))
+    nats_deadline: float = _option(
+        30.0, "With a stream journal: seconds a record is published again while NATS has "
+        "no leader or no connection, before it is refused (ERR unavailable).",
+        **_number(float, 1, " s"))
     metrics: str | None = _option(
         None, "Endpoint description to serve Prometheus metrics on, at /metrics (e.g. "
         "tcp:9100:interface=127.0.0.1; needs the metrics extra). Default: none.",
@@ -225,6 +249,11 @@ class Config:
         if self.workers > 1 and self.port.split(":", 1)[0] not in ("tcp", "tcp6"):
             raise ValueError("--workers needs a tcp: or tcp6: --port (each worker gets its "
                              "own SO_REUSEPORT socket)")
+        if is_stream_url(self.journal) and self.workers > 1:
+            raise ValueError("--workers with a stream journal is not supported yet: run one "
+                             "node per process, several nodes on one stream")
+        if is_stream_url(self.journal) and self.metrics is not None:
+            raise ValueError("--metrics with a stream journal is not supported yet")
         if self.restart_max_delay < self.restart_delay:
             raise ValueError("--restart-max-delay must be at least --restart-delay")
         if self.metrics is not None:

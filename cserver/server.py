@@ -339,7 +339,8 @@ class CServerFactory(ServerFactory):
         """
         user = protocol.user
         return {
-            "total": self.total,
+            # On a stream, the stream's: every node's records.
+            "total": getattr(self.journal, "stream_records", self.total),
             "served": self.served,
             "connections": self.connections,
             "peak": self.peak,

@@ -138,7 +138,7 @@ class CServerService(Service):
             "({records} records, last seq {seq})",
             version=__version__,
             address=self.address(),
-            path=getattr(journal, "path", "-"),
+            path=getattr(journal, "path", None) or str(journal),
             records=journal.recovery.records,
             seq=journal.recovery.last_seq,
         )

@@ -15,11 +15,13 @@ from cserver import __version__
 from cserver.auth import allow_list_portal, describe_checkers, password_portal
 from cserver.config import Config, option_help, option_parameters
 from cserver.journal import FileJournal, make_syncer
+from cserver.journal.stream_url import is_stream_url
 from cserver.poll import lean_poll
 from cserver.process import open_files_for, raise_open_file_limit, tune_interpreter
 from cserver.server import CServerFactory, Limits
 from cserver.service import CServerService
 from cserver.startup import discard_journal, journal_errors, listen_now, take_journal_lock
+from cserver.stream_service import StreamNodeService
 from cserver.workers.parent import make_service as make_workers_service
 
 __all__ = ["Options", "makeService"]
@@ -120,12 +122,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         return with_metrics(supervisor, reactor, config.metrics,
                             workers_registry(supervisor.shared))
+    if is_stream_url(config.journal):
+        return _stream_node(config, options.get("credCheckers"), reactor)
     lock = take_journal_lock(config.journal)
     try:
         service = _single_process(config, options.get("credCheckers"), reactor, lock)
     except BaseException:
         lock.release()
         raise
+    tune_interpreter()
+    return service
+
+
+def _stream_node(config: Config, checkers: Any, reactor: Any) -> IService:
+    """A node on a stream journal: it opens the stream once the reactor runs."""
+    limits = Limits.from_config(config)
+    open_files_for(limits.max_connections, log)
+    portal = password_portal(checkers) if checkers else allow_list_portal(config.users)
+    service = StreamNodeService(config, portal, reactor,
+                                auth=describe_checkers(config.auth, config.users))
     tune_interpreter()
     return service
 
