@@ -352,4 +352,6 @@ class CServerFactory(ServerFactory):
             "auth_failures": self.auth_failures,
             "auth_throttled": self.auth_throttled,
             "duplicates": self.dedup.duplicates if self.dedup is not None else 0,
+            # A stream journal's connection (cserver.journal.jetstream).
+            **(self.journal.stats() if hasattr(self.journal, "stats") else {}),
         }

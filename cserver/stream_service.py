@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -53,6 +54,8 @@ class StreamNodeService(MultiService):
         self._exit = exit
         self._opening: Any = None
         self.server: CServerService | None = None
+        self._watch: LoopingCall | None = None
+        self._connected = False
 
     def startService(self) -> None:
         super().startService()
@@ -81,6 +84,17 @@ class StreamNodeService(MultiService):
             return
         self.server = server
         server.setServiceParent(self)
+        self._connected = journal.connected
+        self._watch = LoopingCall(self._watch_connection, server, journal)
+        self._watch.clock = self.reactor
+        self._watch.start(1.0, now=False)
+
+    def _watch_connection(self, server: CServerService, journal: Any) -> None:
+        """Tell systemd (STATUS=) when the NATS connection goes or comes back."""
+        connected = journal.connected
+        if connected != self._connected:
+            self._connected = connected
+            server.notifier.status(journal.status())
 
     def _refused(self, failure: Failure) -> None:
         self._opening = None
@@ -102,6 +116,8 @@ class StreamNodeService(MultiService):
             self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Any:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         opening, self._opening = self._opening, None
         stopped = super().stopService()
         if opening is not None:

@@ -278,6 +278,12 @@ class StreamJournal:
         """Whether the NATS connection is up now."""
         return bool(self.client.connected)
 
+    def stats(self) -> dict[str, object]:
+        """What STATS adds for a stream: the connection, reconnects, republishes."""
+        return {"nats": "up" if self.client.connected else "down",
+                "nats_reconnects": self.client.reconnects,
+                "republished": self.republished}
+
     def status(self) -> str:
         """One line on the stream's connection, for STATS and sd_notify."""
         server = self.client.server

