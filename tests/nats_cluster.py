@@ -159,7 +159,10 @@ class NATSCluster:
         return [p.pid if p is not None and p.poll() is None else None for p in self.processes]
 
     def start(self, timeout=30.0):
-        """Start every server; return self once all are healthy."""
+        """Start every server (once: a started cluster is left as it is);
+        return self once all are healthy."""
+        if any(process is not None for process in self.processes):
+            return self
         try:
             for i in range(self.size):
                 self._spawn(i)
