@@ -132,11 +132,14 @@ def _find_or_create(jetstream: JetStream, url: StreamURL, replicas: int, window:
 @defer.inlineCallbacks
 def open_stream(url: StreamURL, reactor: Any, node: str, replicas: int = 3,
                 dedup_window: float = 120.0, deadline: float = DEFAULT_DEADLINE,
-                connect_timeout: float = 10.0) -> Generator[Any, Any, StreamJournal]:
+                connect_timeout: float = 10.0,
+                stream_timeout: float = 30.0) -> Generator[Any, Any, StreamJournal]:
     """
     Connect, check, and return the :class:`StreamJournal` (a Deferred).
 
     :param connect_timeout: seconds to reach a NATS server at start.
+    :param stream_timeout: seconds then for JetStream to find or make the
+        stream (a cluster still forming answers late, or not yet).
     :raises StreamRefused: (the Deferred fails with it) NATS cannot be
         reached, is too old, or the stream is weaker than asked.
     """
@@ -156,7 +159,7 @@ def open_stream(url: StreamURL, reactor: Any, node: str, replicas: int = 3,
         jetstream = JetStream(client)
         window = max(dedup_window, deadline)
         info, created = yield _find_or_create(jetstream, url, replicas, window, reactor,
-                                              reactor.seconds() + connect_timeout)
+                                              reactor.seconds() + stream_timeout)
         check_stream(url, info.get("config") or {}, replicas, window)
         state = info.get("state") or {}
         recovery = StreamRecovery(records=int(state.get("messages") or 0),
