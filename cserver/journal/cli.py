@@ -18,6 +18,18 @@ Subcommands:
 ``stats [--json] [--utc] PATH``
     Records, seq range, first and last time, records per event and messages
     per user.
+``export URL FILE``
+    Write every record of the stream at ``URL``, in seq order, to ``FILE``
+    as the JSON Lines a file journal holds (through ``FILE.part``, renamed
+    at the end; an existing ``FILE`` is not overwritten), with progress on
+    stderr.  Exit status as ``verify``'s.
+
+Every command but ``text`` also takes a journal kept in a JetStream stream,
+``nats://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/STREAM``, in place of
+``PATH`` (:mod:`cserver.journal.stream_cli`): ``verify`` also finds gaps in
+the stream's seqs (messages deleted), ``stats`` adds the stream's storage
+and replicas, and ``tail -f`` follows the stream.  Exit status 2 when NATS
+or the stream cannot be reached.
 """
 
 from __future__ import annotations
@@ -28,9 +40,11 @@ import os
 import sys
 from collections import Counter
 
+from cserver.journal import stream_cli
 from cserver.journal.reading import POLL_INTERVAL, edges, follow, last_lines
 from cserver.journal.record import OTHER_EVENTS, decode
 from cserver.journal.recovery import JournalDamaged, check
+from cserver.journal.stream_url import is_stream_url
 from cserver.journal.text import TimeFormatter, format_record, name
 
 
@@ -168,7 +182,13 @@ def cmd_stats(args, out, err):
     if args.json:
         out.write(json.dumps(report, ensure_ascii=False).encode() + b"\n")
         return 0
-    when = TimeFormatter(utc=args.utc)
+    out.write(stats_text(report, args.utc).encode())
+    return 0
+
+
+def stats_text(report, utc=False):
+    """The ``stats`` text of a report (a file's, or a stream's)."""
+    when = TimeFormatter(utc=utc)
     text = [f"{report['path']}: {report['records']} records, {report['bytes']} bytes"]
     if report["records"]:
         text.append(f"seq: {report['first_seq']}-{report['last_seq']}")
@@ -180,8 +200,16 @@ def cmd_stats(args, out, err):
     text.extend(f"  {count:>10}  {kind}" for kind, count in report["events"].items())
     text.append(f"messages per user ({len(report['users'])} users):")
     text.extend(f"  {count:>10}  {name(user)}" for user, count in report["users"].items())
-    out.write(("\n".join(text) + "\n").encode())
-    return 0
+    if "stream" in report:
+        leader = f" (leader {report['leader']})" if report.get("leader") else ""
+        text.append(f"stream: {report['stream']}, {report['storage']} storage, "
+                    f"{report['replicas']} replicas{leader}")
+    return "\n".join(text) + "\n"
+
+
+def cmd_export(args, out, err):
+    raise _Usage(f"export reads a stream (nats://HOST:PORT/STREAM), not {args.path}: "
+                 "a file journal is JSON Lines already")
 
 
 def _raw_time(value):
@@ -193,7 +221,8 @@ def _raw_time(value):
 
 def parser():
     top = argparse.ArgumentParser(
-        prog="cserver-journal", description="Read a cserver journal (JSON Lines)."
+        prog="cserver-journal",
+        description="Read a cserver journal (JSON Lines, or a JetStream stream).",
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -223,6 +252,11 @@ def parser():
     stats_.add_argument("--utc", action="store_true", help="times in UTC (default: local)")
     stats_.add_argument("path", metavar="PATH")
     stats_.set_defaults(run=cmd_stats)
+
+    export = sub.add_parser("export", help="a stream's records to a JSON Lines file")
+    export.add_argument("path", metavar="URL")
+    export.add_argument("file", metavar="FILE")
+    export.set_defaults(run=cmd_export)
     return top
 
 
@@ -243,7 +277,12 @@ def main(argv=None, stdout=None, stderr=None):
     out = stdout if stdout is not None else sys.stdout.buffer
     err = stderr if stderr is not None else sys.stderr
     try:
-        status = args.run(args, out, err)
+        if is_stream_url(args.path):
+            if args.command == "text":
+                raise _Usage("text reads a file: cserver-journal export URL FILE first")
+            status = stream_cli.run(args, out, err, stats_text)
+        else:
+            status = args.run(args, out, err)
         out.flush()
         return status
     except _Usage as e:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import msgspec
@@ -57,10 +57,11 @@ MISSED_HEARTBEATS = 3
 _encode = msgspec.json.Encoder().encode
 
 
-@attrs.frozen
+@attrs.define
 class Delivery:
     """
-    One stream message, as the consumer delivered it.
+    One stream message, as the consumer delivered it (not frozen: made
+    for every message, it is made faster so).
 
     :ivar stream_seq: its seq in the stream.
     :ivar consumer_seq: its place among the consumer's deliveries (1, 2...).
@@ -77,8 +78,7 @@ class Delivery:
     data: bytes
 
 
-@attrs.frozen
-class AckMetadata:
+class AckMetadata(NamedTuple):
     """What a delivered message's reply subject says of it."""
 
     stream: str
@@ -100,15 +100,15 @@ def parse_ack_subject(subject: str) -> AckMetadata:
     """
     tokens = subject.split(".")
     count = len(tokens)
-    if tokens[:2] != ["$JS", "ACK"] or count not in (9,) and count < 11:
-        raise ProtocolError(f"not a JetStream reply subject: {subject[:200]!r}")
     base = 2 if count == 9 else 4
-    numbers = tokens[base + 2:base + 7]
-    if not all(number.isdigit() for number in numbers):
-        raise ProtocolError(f"not a JetStream reply subject: {subject[:200]!r}")
-    delivered, stream_seq, consumer_seq, timestamp, pending = map(int, numbers)
-    return AckMetadata(tokens[base], tokens[base + 1], delivered, stream_seq, consumer_seq,
-                       timestamp, pending)
+    try:
+        if tokens[0] != "$JS" or tokens[1] != "ACK" or count != 9 and count < 11:
+            raise ValueError
+        return AckMetadata(tokens[base], tokens[base + 1], int(tokens[base + 2]),
+                           int(tokens[base + 3]), int(tokens[base + 4]),
+                           int(tokens[base + 5]), int(tokens[base + 6]))
+    except (ValueError, IndexError):
+        raise ProtocolError(f"not a JetStream reply subject: {subject[:200]!r}") from None
 
 
 def consumer_config(deliver_subject: str, start_seq: int, heartbeat: float,
