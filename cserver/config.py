@@ -252,8 +252,6 @@ class Config:
         if is_stream_url(self.journal) and self.workers > 1:
             raise ValueError("--workers with a stream journal is not supported yet: run one "
                              "node per process, several nodes on one stream")
-        if is_stream_url(self.journal) and self.metrics is not None:
-            raise ValueError("--metrics with a stream journal is not supported yet")
         if self.restart_max_delay < self.restart_delay:
             raise ValueError("--restart-max-delay must be at least --restart-delay")
         if self.metrics is not None:

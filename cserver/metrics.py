@@ -80,8 +80,22 @@ class ServerCollector:
             "cserver_auth_throttled",
             "AUTHs refused unchecked since start: too many failures from the address.",
             value=f.auth_throttled)
-        yield GaugeMetricFamily("cserver_journal_bytes", "The journal file's size in bytes.",
-                                value=f.journal.size)
+        journal = f.journal
+        if hasattr(journal, "size"):
+            yield GaugeMetricFamily("cserver_journal_bytes", "The journal file's size in bytes.",
+                                    value=journal.size)
+        if hasattr(journal, "stats"):  # a stream journal (cserver.journal.jetstream)
+            stats = journal.stats()
+            yield GaugeMetricFamily("cserver_nats_connected",
+                                    "1 while the stream journal's NATS connection is up.",
+                                    value=1 if stats["nats"] == "up" else 0)
+            yield CounterMetricFamily("cserver_nats_reconnects",
+                                      "NATS connections made after the first, since start.",
+                                      value=stats["nats_reconnects"])
+            yield CounterMetricFamily(
+                "cserver_republished",
+                "Records published to the stream again after a failure, since start.",
+                value=stats["republished"])
 
 
 #: (metric suffix, shared slot field, kind, help) of the per-worker figures.

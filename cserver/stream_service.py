@@ -84,10 +84,25 @@ class StreamNodeService(MultiService):
             return
         self.server = server
         server.setServiceParent(self)
+        if config.metrics is not None:
+            self._serve_metrics(factory)
         self._connected = journal.connected
         self._watch = LoopingCall(self._watch_connection, server, journal)
         self._watch.clock = self.reactor
         self._watch.start(1.0, now=False)
+
+    def _serve_metrics(self, factory: CServerFactory) -> None:
+        """``--metrics``: the site, once the factory exists (after the stream)."""
+        from cserver.metrics import MetricsService, metrics_site, server_registry
+
+        site = MetricsService(serverFromString(self.reactor, self.config.metrics),
+                              metrics_site(server_registry(factory)))
+        try:
+            site.listen()
+        except Exception as e:
+            self._fail(f"cannot listen on --metrics {self.config.metrics}: {e}")
+            return
+        site.setServiceParent(self)
 
     def _watch_connection(self, server: CServerService, journal: Any) -> None:
         """Tell systemd (STATUS=) when the NATS connection goes or comes back."""

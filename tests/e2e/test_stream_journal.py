@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from contextlib import closing
 
 import pytest
@@ -164,6 +165,22 @@ def test_a_node_rides_out_the_loss_of_its_nats_server(nodes, cluster):
     assert stats["nats"] == "up" and int(stats["nats_reconnects"]) >= 1
     state = stream_state(cluster, "rides")
     assert state["messages"] == state["last_seq"] == 201  # the start record, 200 MSGs
+
+
+def test_a_stream_node_serves_its_metrics(nodes):
+    """--metrics on a stream node: the site listens once the stream is open
+    and says the NATS connection is up, with the node's figures."""
+    (a,) = nodes("metered", 1, "--metrics", "tcp:0:interface=127.0.0.1")
+    line = a.wait_for(r"metrics on tcp:127\.0\.0\.1:\d+", 20) or "".join(a.output)
+    port = int(re.search(r"metrics on tcp:127\.0\.0\.1:(\d+)", line).group(1))
+    with closing(a.connect()) as client:
+        assert client.request(f"AUTH {USER}") == f"OK {USER}"
+        assert client.request("MSG counted").startswith("OK ")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "cserver_nats_connected 1.0" in text
+    assert "cserver_messages_served_total 1.0" in text
+    assert "cserver_nats_reconnects_total 0.0" in text
 
 
 def refused(tmp_path, *args):
