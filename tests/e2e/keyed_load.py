@@ -11,6 +11,7 @@ for good.
 
 import json
 import sys
+from collections import Counter
 
 import attrs
 from twisted.internet import defer, task
@@ -30,6 +31,23 @@ def run(reactor, port, user, clients, messages, report):
     print(f"done {result.acked}", flush=True)
     if not result.ok:
         raise SystemExit(1)
+
+
+def check_exactly_once(records, result, count):
+    """
+    The journal's ``records`` against the load's ``result`` (its report): seqs
+    contiguous from 1, each key once (0 doubled), all ``count`` of them (0
+    lost), each at the seq its sender was finally told, none given up.
+    """
+    told = result["seqs"]
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    keyed = [r for r in records if r["event"] == "message"]
+    doubled = [key for key, n in Counter(r["key"] for r in keyed).items() if n > 1]
+    assert doubled == []
+    assert len(told) == count
+    assert {r["key"]: r["seq"] for r in keyed} == told
+    assert result["failed"] == []
+    return keyed
 
 
 def main():

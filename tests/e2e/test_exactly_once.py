@@ -13,9 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 
 from ..server_process import ServerProcess, read_journal, worker_pids
+from .keyed_load import check_exactly_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENTS = 50
@@ -139,14 +139,7 @@ def _kill_and_check(start, port, journal, tmp_path, kill=None):
     assert process.stop() == 0
     result = json.loads(report.read_text())
     told = result["seqs"]
-    records = read_journal(journal)
-    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    keyed = [r for r in records if r["event"] == "message"]
-    doubled = [key for key, count in Counter(r["key"] for r in keyed).items() if count > 1]
-    assert doubled == []
-    assert len(told) == CLIENTS * MESSAGES
-    assert {r["key"]: r["seq"] for r in keyed} == told
-    assert result["failed"] == []
+    check_exactly_once(read_journal(journal), result, CLIENTS * MESSAGES)
     print(f"exactly once: {len(told)} messages, {kills} kills, "
           f"{result['duplicates']} duplicates answered, {result['resends']} resends, "
           f"{result['reconnects']} reconnects, 0 lost, 0 doubled")

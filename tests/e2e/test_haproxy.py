@@ -23,6 +23,7 @@ import pytest
 
 from ..haproxy import EXAMPLE, HAProxyProcess, find_haproxy
 from ..server_process import LineClient, ServerProcess, read_journal
+from .test_halfclose import half_close
 
 pytestmark = pytest.mark.skipif(find_haproxy() is None,
                                 reason="needs haproxy (Debian package haproxy)")
@@ -266,17 +267,6 @@ def test_the_health_check_wants_the_cserver_greeting(tmp_path):
         proxy.stop()
         impostor.close()
         node.stop()
-
-
-def half_close(port, data):
-    """Send ``data``, shut down the sending side, read until the other side closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received.decode("utf-8").split("\r\n")[:-1]
 
 
 def test_half_closing_clients_through_haproxy_get_every_reply(cluster):
