@@ -88,6 +88,8 @@ class DedupWindow:
         self._waiting: dict[str, list[Answer]] = {}
         #: Keys another worker wrote while this one had them in flight.
         self._elsewhere: dict[str, int] = {}
+        #: Names of refused keys, still in a bucket: how many places.
+        self._stale: dict[str, int] = {}
         self._buckets: deque[tuple[int, deque[str]]] = deque()
         #: The newest bucket's names, and the end of its second; when the
         #: oldest bucket is out of the window (kept beside the buckets: the
@@ -111,6 +113,8 @@ class DedupWindow:
         while buckets and buckets[0][0] <= cutoff:
             kept = []
             for name in buckets.popleft()[1]:
+                if self._stale and self._unstale(name):
+                    continue
                 packed = entries.get(name)
                 if packed is None:
                     continue
@@ -122,6 +126,11 @@ class DedupWindow:
                 self._into_bucket(int(now), kept)
         while len(entries) > self.keys and buckets:
             names = buckets[0][1]
+            if self._stale and self._unstale(names[0]):
+                names.popleft()
+                if not names:
+                    buckets.popleft()
+                continue
             packed = entries.get(names[0])
             if packed is not None and not packed >> 64:
                 break  # the oldest is in flight: it goes once it is durable
@@ -131,6 +140,17 @@ class DedupWindow:
             if not names:
                 buckets.popleft()
         self._retail()
+
+    def _unstale(self, name: str) -> bool:
+        """Whether this place of ``name`` is a refused key's (then it is gone)."""
+        count = self._stale.get(name)
+        if count is None:
+            return False
+        if count == 1:
+            del self._stale[name]
+        else:
+            self._stale[name] = count - 1
+        return True
 
     def _retail(self) -> None:
         buckets = self._buckets
@@ -201,17 +221,18 @@ class DedupWindow:
         """
         entries = self._entries
         packed = entries.get(name)
-        if packed is None or packed >> 64:
-            return
-        other = self._elsewhere.pop(name, None) if self._elsewhere else None
-        if reason is None and seq is not None:
-            entries[name] = seq << 64 | packed
-        elif other is not None:
-            entries[name] = other
-        else:
-            # Refused: the journal is broken or the server stopping, so no
-            # later record can be journaled under the key's old bucket.
-            del entries[name]
+        if packed is not None and not packed >> 64:
+            other = self._elsewhere.pop(name, None) if self._elsewhere else None
+            if reason is None and seq is not None:
+                entries[name] = seq << 64 | packed
+            elif other is not None:
+                entries[name] = other
+            else:
+                # Refused: the key leaves; its name's place in its bucket is
+                # passed over when that bucket expires (a later PUT of the key
+                # has a place of its own, and must not leave early).
+                del entries[name]
+                self._stale[name] = self._stale.get(name, 0) + 1
         waiting = self._waiting.pop(name, None) if self._waiting else None
         if waiting:
             for answer in waiting:

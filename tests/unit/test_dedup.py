@@ -218,6 +218,23 @@ class WindowTests(SynchronousTestCase):
         clock.advance(59)
         assert window.check("u", "slow", "t")[0] == "duplicate"
 
+    def test_a_key_sent_again_after_a_refusal_keeps_its_whole_window(self):
+        """A refused key (a write that failed) sent again 30 s later is in the
+        window for a whole window from then: the refused one's place in an
+        older bucket does not take the new one with it."""
+        clock = Clock()
+        window = DedupWindow(clock, seconds=60)
+        window.done(window.check("u", "k", "t")[1], None, "write failed: ENOSPC")
+        clock.advance(30)
+        verdict, name = window.check("u", "k", "t")
+        assert verdict == "new"
+        window.done(name, 7, None)
+        clock.advance(59)
+        assert window.check("u", "other", "t")[0] == "new"  # expiry runs
+        assert window.check("u", "k", "t")[0] == "duplicate"
+        clock.advance(2)
+        assert window.check("u", "k", "t")[0] == "new"
+
     def test_the_count_bound_never_drops_a_key_in_flight(self):
         """Over the count bound with the oldest key still in flight, nothing is
         dropped until it is durable; then the oldest go."""
