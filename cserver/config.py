@@ -114,6 +114,12 @@ def _file(flag: str, value: Any) -> Any:
     return value
 
 
+def _readable(flag: str, value: Any) -> Any:
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"{flag}: cannot read {value!r}")
+    return value
+
+
 def _journal(flag: str, value: Any) -> Any:
     if isinstance(value, str) and is_stream_url(value):
         try:
@@ -217,6 +223,11 @@ class Config:
         30.0, "With a stream journal: seconds a record is published again while NATS has "
         "no leader or no connection, before it is refused (ERR unavailable).",
         **_number(float, 1, " s"))
+    nats_ca: str | None = _option(
+        None, "With a stream journal over tls://: a PEM file of the certificates to "
+        "trust for the NATS servers (default: the system's trust roots).",
+        check=lambda flag, value: value if value is None else _readable(flag, value),
+        shown_default="the system's")
     metrics: str | None = _option(
         None, "Endpoint description to serve Prometheus metrics on, at /metrics (e.g. "
         "tcp:9100:interface=127.0.0.1; needs the metrics extra). Default: none.",

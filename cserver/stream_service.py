@@ -63,7 +63,8 @@ class StreamNodeService(MultiService):
         self.log.info("opening stream {url} as node {node}", url=str(self.url), node=config.node)
         self._opening = self._open_journal(
             self.url, self.reactor, node=config.node, replicas=config.nats_replicas,
-            dedup_window=config.dedup_window, deadline=config.nats_deadline)
+            dedup_window=config.dedup_window, deadline=config.nats_deadline,
+            ca=config.nats_ca)
         self._opening.addCallbacks(self._opened, self._refused)
 
     def _opened(self, journal: Any) -> None:

@@ -99,6 +99,27 @@ def check_version(version: str | None) -> None:
 _FORMING = frozenset({10005, 10008, 10023})
 
 
+def trusting(ca: str) -> Any:
+    """
+    ``tls_options(host)`` for the NATS client: verify ``host`` against the
+    certificates in the PEM file ``ca``.
+
+    :raises StreamRefused: the file holds no certificate (or the TLS
+        libraries are missing: the ``tls`` extra).
+    """
+    try:
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        with open(ca, "rb") as f:
+            roots = Certificate.loadPEM(f.read())
+    except ImportError:
+        raise StreamRefused("TLS to NATS needs the tls extra: pip install 'cserver[tls]'") \
+            from None
+    except Exception as e:
+        raise StreamRefused(f"--nats-ca {ca}: no certificate in it ({e})") from None
+    return lambda host: optionsForClientTLS(host, trustRoot=roots)
+
+
 @defer.inlineCallbacks
 def _find_or_create(jetstream: JetStream, url: StreamURL, replicas: int, window: float,
                     reactor: Any, deadline: float) -> Generator[Any, Any, tuple[Any, bool]]:
@@ -132,19 +153,22 @@ def _find_or_create(jetstream: JetStream, url: StreamURL, replicas: int, window:
 @defer.inlineCallbacks
 def open_stream(url: StreamURL, reactor: Any, node: str, replicas: int = 3,
                 dedup_window: float = 120.0, deadline: float = DEFAULT_DEADLINE,
-                connect_timeout: float = 10.0,
-                stream_timeout: float = 30.0) -> Generator[Any, Any, StreamJournal]:
+                connect_timeout: float = 10.0, stream_timeout: float = 30.0,
+                ca: str | None = None) -> Generator[Any, Any, StreamJournal]:
     """
     Connect, check, and return the :class:`StreamJournal` (a Deferred).
 
     :param connect_timeout: seconds to reach a NATS server at start.
     :param stream_timeout: seconds then for JetStream to find or make the
         stream (a cluster still forming answers late, or not yet).
+    :param ca: a PEM file of the certificates to trust for TLS to NATS
+        (default: the system's trust roots).
     :raises StreamRefused: (the Deferred fails with it) NATS cannot be
         reached, is too old, or the stream is weaker than asked.
     """
     client = NATSClient(reactor, url.server_urls, name=f"cserver {node}",
-                        connect_timeout=min(connect_timeout, 5.0))
+                        connect_timeout=min(connect_timeout, 5.0),
+                        tls_options=None if ca is None else trusting(ca))
     try:
         started = client.start()
         started.addTimeout(connect_timeout, reactor)

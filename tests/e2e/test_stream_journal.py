@@ -11,12 +11,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from contextlib import closing
 
 import pytest
 
-from ..nats_cluster import NATSCluster, find_nats_server, http_json
+from ..nats_cluster import NATSCluster, find_nats_server, free_ports, http_json
 from ..server_process import ServerProcess, read_journal, run_twistd
 from .test_exactly_once import ROOT
 
@@ -181,6 +182,45 @@ def test_a_stream_node_serves_its_metrics(nodes):
     assert "cserver_nats_connected 1.0" in text
     assert "cserver_messages_served_total 1.0" in text
     assert "cserver_nats_reconnects_total 0.0" in text
+
+
+def test_a_node_reaches_nats_over_tls_trusting_its_ca(tmp_path):
+    """tls:// to a nats-server that requires TLS, with --nats-ca naming the
+    server's certificate: the node starts and acknowledges a MSG; without
+    --nats-ca (the system's roots do not know that certificate) the start is
+    refused in one line."""
+    from .test_tls import make_certificate
+
+    key, cert = make_certificate(str(tmp_path / "certs"))
+    client_port, http_port = free_ports(2)
+    conf = tmp_path / "tls.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{http_port}\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(tmp_path / 'js'))}\n"
+        f"  sync_interval: always\n}}\n"
+        f"tls {{\n  cert_file: {json.dumps(cert)}\n  key_file: {json.dumps(key)}\n}}\n")
+    server = subprocess.Popen([find_nats_server(), "-c", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while (http_json(f"http://127.0.0.1:{http_port}/healthz") or {}).get("status") != "ok":
+            assert time.monotonic() < deadline and server.poll() is None, "nats-server not up"
+            time.sleep(0.05)
+        url = f"tls://127.0.0.1:{client_port}/secure"
+        node = ServerProcess(tmp_path, "--nats-replicas", "1", "--nats-ca", cert,
+                             journal=url).start(timeout=60)
+        try:
+            with closing(node.connect()) as client:
+                assert client.request(f"AUTH {USER}") == f"OK {USER}"
+                assert client.request("MSG over tls").startswith("OK ")
+        finally:
+            node.stop()
+        result, lines = refused(tmp_path, "--nats-replicas", "1", "--journal", url)
+        assert result.returncode == 1
+        assert len(lines) == 1 and "cannot reach NATS" in lines[0], result.stdout
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def refused(tmp_path, *args):
