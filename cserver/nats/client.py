@@ -217,6 +217,14 @@ class NATSClient:
     def _discover(self, info: dict[str, Any]) -> None:
         if self.discover and self.server is not None:
             self.pool.discover(info.get("connect_urls") or (), self.server)
+        if info.get("ldm") and self._protocol is not None and not self._closed:
+            # Lame duck: the server is about to shut down.  Move to the next
+            # one now rather than when it drops us; what was in flight fails
+            # with RequestLost, for the caller to send again.
+            server = self.server
+            _log.info("NATS {url} is entering lame duck mode: moving to another server",
+                      url=server.url if server is not None else "-")
+            self._protocol.close()
 
     def _attempt_ended(self, attempt: _Factory, reason: Failure) -> None:
         """A connection attempt failed, or a connection (ready or not) ended."""

@@ -248,6 +248,20 @@ class ConnectingTests(ClientCase):
         self.reactor.advance(0)
         self.assertEqual(self.attempts()[-1], ("127.0.0.9", 5000))
 
+    def test_a_lame_duck_server_is_left_for_the_next(self):
+        """An INFO saying ldm (the server is shutting down): the client closes
+        that connection itself, a request in flight fails with RequestLost,
+        and it connects to the next URL at once."""
+        client, proto, transport = self.connected()
+        pending = client.request("svc", b"x")
+        proto.dataReceived(b'INFO {"version":"2.10.24","ldm":true}\r\n')
+        self.assertTrue(transport.disconnecting)
+        self.lose(proto)
+        self.assertIsInstance(result_of(pending).value, RequestLost)
+        self.reactor.advance(0)
+        self.assertEqual(self.attempts()[-1], ("127.0.0.2", 4223))
+        self.assertTrue(any("lame duck" in e["log_format"] for e in self.logged))
+
     def test_close_stops_reconnecting(self):
         """close() closes the ready connection and fires once it is lost; no
         reconnect follows and when_connected fails with NotConnected."""
