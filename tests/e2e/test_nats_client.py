@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from cserver.nats import NATSClient, NATSError, RequestLost
+from cserver.nats import NATSClient, NATSError, NoResponders, RequestLost
 from cserver.nats.jetstream import JetStream, JetStreamError
 
 from ..nats_cluster import MIN_VERSION, NATSCluster, find_nats_server
@@ -40,9 +40,22 @@ def client(cluster):
 
 
 async def create_stream(js, name):
-    """A file stream of three replicas storing ``<name>.>``."""
-    return await js.create_stream({"name": name, "subjects": [f"{name.lower()}.>"],
+    """A file stream of three replicas storing ``<name>.>``, once the server
+    the client is on knows it takes them (the stream's interest reaches the
+    other servers of the cluster a moment after it is created: a publish
+    before that gets no responders)."""
+    info = await js.create_stream({"name": name, "subjects": [f"{name.lower()}.>"],
                                    "storage": "file", "num_replicas": 3})
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            await js.client.request(f"{name.lower()}.probe", b"", timeout=2.0,
+                                    headers={"Nats-Expected-Stream": "no such stream"})
+        except NoResponders:
+            assert time.monotonic() < deadline, f"stream {name} takes no publishes"
+            await sleep(0.05)
+            continue
+        return info
 
 
 def sleep(seconds):
