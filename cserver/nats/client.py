@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cserver.nats.protocol import NATSProtocol
-from cserver.nats.servers import Server, ServerPool
+from cserver.nats.servers import Server, ServerPool, default_tls_options
 from cserver.nats.wire import (
     ConnectOptions,
     Msg,
@@ -118,7 +118,7 @@ class NATSClient:
                                reconnect_wait=reconnect_wait,
                                max_reconnect_wait=max_reconnect_wait, jitter=jitter,
                                random=random)
-        self._tls_options = tls_options or _default_tls_options
+        self._tls_options = tls_options or default_tls_options
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
         self.max_outstanding_pings = max_outstanding_pings
@@ -218,12 +218,10 @@ class NATSClient:
         if self.discover and self.server is not None:
             self.pool.discover(info.get("connect_urls") or (), self.server)
         if info.get("ldm") and self._protocol is not None and not self._closed:
-            # Lame duck: the server is about to shut down.  Move to the next
-            # one now rather than when it drops us; what was in flight fails
-            # with RequestLost, for the caller to send again.
-            server = self.server
+            # Lame duck: leave now, not when the server drops us; what was in
+            # flight fails with RequestLost, for the caller to send again.
             _log.info("NATS {url} is entering lame duck mode: moving to another server",
-                      url=server.url if server is not None else "-")
+                      url=self.server.url if self.server is not None else "-")
             self._protocol.close()
 
     def _attempt_ended(self, attempt: _Factory, reason: Failure) -> None:
@@ -399,9 +397,3 @@ class NATSClient:
         elif self._connector is not None:
             self._connector.disconnect()
         return d
-
-
-def _default_tls_options(host: str) -> object:
-    from twisted.internet.ssl import optionsForClientTLS
-
-    return optionsForClientTLS(host)

@@ -35,6 +35,14 @@ class Server:
         return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
 
+def default_tls_options(host: str) -> object:
+    """The TLS options of a ``tls://`` server: ``host`` checked against the
+    system's trust roots (needs the ``tls`` extra: imported when used)."""
+    from twisted.internet.ssl import optionsForClientTLS
+
+    return optionsForClientTLS(host)
+
+
 def parse_url(url: str) -> Server:
     """
     A :class:`Server` from ``nats://[user:password@]host[:port]``,
