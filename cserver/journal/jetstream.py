@@ -132,11 +132,8 @@ class StreamJournal:
         #: Message records this node had acknowledged since start.
         self.messages = 0
         self.broken: str | None = None
-        #: Records taken and not yet acknowledged or refused.
-        self.inflight = 0
-        #: Publishes sent again after a failure; the last failure's text.
+        #: Publishes sent again after a failure.
         self.republished = 0
-        self.last_failure: str | None = None
         self._subject = url.subject
         self._stream = url.stream
         self._ids = f"{node} {secrets.token_hex(8)} "
@@ -186,7 +183,6 @@ class StreamJournal:
             self._count += 1
             msg_id = self._ids + str(self._count)
         pending = _Pending(body, msg_id, ack, self.clock.seconds(), kind == "message", keyed)
-        self.inflight += 1
         self._publish(pending)
 
     def _publish(self, pending: _Pending) -> None:
@@ -241,13 +237,11 @@ class StreamJournal:
             self._answer(pending, None, f"stream {self._stream} unavailable for {waited:.0f} s "
                                         f"({why})")
             return
-        self.last_failure = why
         self.republished += 1
         delay = min(1.0, 0.05 * 2 ** min(pending.attempts, 5))
         self._retries[pending] = self.clock.callLater(delay, self._publish, pending)
 
     def _answer(self, pending: _Pending, seq: int | None, reason: Any) -> None:
-        self.inflight -= 1
         if reason is None and pending.message:
             self.messages += 1
         if pending.ack is not None:

