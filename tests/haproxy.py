@@ -161,6 +161,14 @@ class HAProxyProcess:
         """The names of the servers holding a session now."""
         return [name for name, (_, _, sessions) in self.servers().items() if sessions]
 
+    def wait_idle(self, timeout=20):
+        """Poll the stats socket until no server holds a session (a client's
+        close reaches HAProxy a moment after the client made it)."""
+        deadline = time.monotonic() + timeout
+        while self.serving():
+            assert time.monotonic() < deadline, f"sessions still open: {self.servers()}"
+            time.sleep(0.02)
+
     def stats(self):
         """``show stat``: one dict per row (frontend, servers, backend)."""
         lines = self.command("show stat").lstrip("# ").splitlines()

@@ -206,6 +206,7 @@ def test_a_keyed_resend_is_a_dup_on_the_node_that_took_it(cluster):
     [took] = proxy.serving()
     [other] = [name for name in proxy.names() if name != took]
     first.close()
+    proxy.wait_idle()
 
     proxy.set_state(other, "drain")
     proxy.wait_for_servers({other: "DRAIN"})
@@ -213,6 +214,7 @@ def test_a_keyed_resend_is_a_dup_on_the_node_that_took_it(cluster):
     assert proxy.serving() == [took]
     assert same.request("PUT k-resent the text") == f"{reply} dup"
     same.close()
+    proxy.wait_idle()
     node = made.nodes[proxy.names().index(took)]
     assert [r["key"] for r in read_journal(node.journal) if r.get("key")] == ["k-resent"]
 
